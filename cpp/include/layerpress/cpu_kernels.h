@@ -1,0 +1,82 @@
+// CPU kernels for the quantised-weight format. Torch-free: raw pointers, sizes and a
+// parallel-for callback supplied by the caller (the torch launcher uses at::parallel_for,
+// the benchmark binary uses std::thread).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "layerpress/quant_format.h"
+
+namespace layerpress {
+
+// body(begin, end) is called over disjoint sub-ranges of [0, n) that together cover it.
+using ParallelFor =
+    std::function<void(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body)>;
+ParallelFor serial_for();  // runs the body once over the whole range
+
+// ---- format ops (canonical layout) -------------------------------------------------------------
+// Round-to-nearest quantisation of a row-major [N, K] weight of type w_type.
+// given_scales: scales (and zeros, if asymmetric) are inputs; otherwise min-max scales are
+// computed and written there. Returns false if the weight holds a NaN/Inf (codes then undefined).
+bool quantize_rtn(const void* w, FloatType w_type, const QuantParams& p, uint8_t* codes,
+                  void* scales, uint8_t* zeros, bool given_scales, const ParallelFor& pf);
+void pack_codes(const uint8_t* codes, int64_t rows, int64_t K, int bits, int32_t* packed,
+                const ParallelFor& pf);
+void unpack_codes(const int32_t* packed, int64_t rows, int64_t K, int bits, uint8_t* codes,
+                  const ParallelFor& pf);
+// Canonical packed weight -> dense [N, K] weight of type out_type.
+void dequantize(const int32_t* qweight, const void* scales, const uint8_t* zeros,
+                const QuantParams& p, void* out, FloatType out_type, const ParallelFor& pf);
+
+// ---- kCpuBitplane16 -----------------------------------------------------------------------------
+// qweight [T=ceil(N/16), K/32, bits, 16] int32: word [t][kb][p][l] bit i is bit p of the code
+//   at row 16t+l, column 32kb+i; rows past N are zero.
+// per-OC scales/zeros [T, K/g, 16] (padded rows 0); per-IC scales/zeros [N/g, K] (transposed).
+int64_t bitplane_qweight_numel(const QuantParams& p);
+int64_t bitplane_scales_numel(const QuantParams& p);
+void repack_canonical_to_bitplane(const int32_t* q, const void* s, const uint8_t* z,
+                                  const QuantParams& p, int32_t* q_out, void* s_out,
+                                  uint8_t* z_out, const ParallelFor& pf);
+void repack_bitplane_to_canonical(const int32_t* q, const void* s, const uint8_t* z,
+                                  const QuantParams& p, int32_t* q_out, void* s_out,
+                                  uint8_t* z_out, const ParallelFor& pf);
+
+// ---- low-bit GEMM on kCpuBitplane16 -------------------------------------------------------------
+struct CpuGemmArgs {
+  QuantParams p;
+  const int32_t* qweight = nullptr;  // kCpuBitplane16
+  const void* scales = nullptr;      // kCpuBitplane16 layout, p.scale_type
+  const uint8_t* zeros = nullptr;    // nullptr when p.symmetric
+  int64_t M = 0;
+  FloatType act_type = FloatType::kF32;  // type of x, bias and y
+  const void* x = nullptr;  // forward: [M, K] (row stride ldx); transposed: [M, N]
+  int64_t ldx = 0;
+  const void* bias = nullptr;  // forward only, [N] or nullptr
+  void* y = nullptr;           // forward: [M, N]; transposed: [M, K]; rows contiguous (ld = cols)
+};
+
+// One kernel variant: the forward product Y = X·dequant(W)ᵀ (+ bias) and the transposed
+// product Y = G·dequant(W) (the input gradient).
+struct CpuGemmVariant {
+  const char* name;
+  bool (*supported)();  // can this machine run it
+  void (*gemm)(const CpuGemmArgs&, const ParallelFor&);
+  void (*gemm_t)(const CpuGemmArgs&, const ParallelFor&);
+};
+
+const std::vector<CpuGemmVariant>& cpu_gemm_variants();  // generic first, best last
+const CpuGemmVariant& cpu_gemm_active();   // best supported, or LAYERPRESS_CPU_KERNEL / override
+bool cpu_gemm_select(const std::string& name);  // "" resets to automatic; false if unknown/unsupported
+std::vector<std::string> cpu_features();        // what this CPU offers, for build_info
+
+// Variants (defined in their own translation units, each compiled for its ISA).
+void gemm_generic(const CpuGemmArgs&, const ParallelFor&);
+void gemm_t_generic(const CpuGemmArgs&, const ParallelFor&);
+void gemm_avx2(const CpuGemmArgs&, const ParallelFor&);
+void gemm_t_avx2(const CpuGemmArgs&, const ParallelFor&);
+void gemm_avx512(const CpuGemmArgs&, const ParallelFor&);
+void gemm_t_avx512(const CpuGemmArgs&, const ParallelFor&);
+
+}  // namespace layerpress

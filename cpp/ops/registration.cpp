@@ -1,0 +1,22 @@
+// One schema per op. Low-bit types travel as plain ints/bools: bits, group_size (-1 = whole
+// row/column), axis (0 = per-OC, 1 = per-IC), layout (0 = canonical, 1 = CPU bit-plane tiles);
+// symmetric quantisation is "zeros is None". Kernels are registered per dispatch key in
+// cpu_ops.cpp and (when built with CUDA) cuda/ops; fakes and autograd in python/layerpress/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(layerpress, m) {
+  m.def("quantize(Tensor weight, int bits, int group_size, int axis, bool symmetric, "
+        "ScalarType scale_dtype, Tensor? scales=None, Tensor? zeros=None) -> (Tensor, Tensor, Tensor)");
+  m.def("pack(Tensor codes, int bits) -> Tensor");
+  m.def("unpack(Tensor qweight, int bits) -> Tensor");
+  m.def("dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, "
+        "int axis, ScalarType? out_dtype=None) -> Tensor");
+  m.def("repack(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, int axis, "
+        "int layout) -> (Tensor, Tensor, Tensor)");
+  m.def("unrepack(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, int axis, "
+        "int layout, int out_features) -> (Tensor, Tensor, Tensor)");
+  m.def("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+        "int group_size, int axis, int layout, int out_features) -> Tensor");
+  m.def("gemm_t(Tensor grad, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+        "int group_size, int axis, int layout, int out_features) -> Tensor");
+}

@@ -1,0 +1,23 @@
+"""layerpress: low-bit GEMM, per-input-channel quantisation and compression flows for PyTorch.
+
+Importing the package loads the C++/CUDA extension, which registers ``torch.ops.layerpress.*``.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers the ops)
+from . import ops
+from .spec import QuantSpec, Layout
+from .nn import QuantLinear, quantize_linear
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """Version, the torch it was built against, CUDA on/off and architectures, CPU features
+    found at run time, and the kernel variant chosen per op."""
+    info = dict(_C.build_info())
+    info["torch_runtime_version"] = torch.__version__
+    return info
+
+
+__all__ = ["QuantSpec", "Layout", "QuantLinear", "quantize_linear", "ops", "build_info", "__version__"]

@@ -1,0 +1,174 @@
+"""Python face of ``torch.ops.layerpress.*``: fake (meta) implementations so that
+``torch.compile`` traces the ops, autograd for the GEMM, and thin typed wrappers.
+
+Schemas live in cpp/ops/registration.cpp; kernels per dispatch key in C++.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .spec import Layout, QuantSpec
+
+_ops = torch.ops.layerpress
+
+TILE_ROWS = 16  # rows per tile of Layout.CPU_BITPLANE16
+
+
+def _group(group_size: int, axis: int, n: int, k: int) -> int:
+    if group_size != -1:
+        return group_size
+    return k if axis == 0 else n
+
+
+def _scale_shape(axis: int, g: int, n: int, k: int):
+    return (n, k // g) if axis == 0 else (k, n // g)
+
+
+def _native_scale_shape(axis: int, g: int, n: int, k: int):
+    tiles = (n + TILE_ROWS - 1) // TILE_ROWS
+    return (tiles, k // g, TILE_ROWS) if axis == 0 else (n // g, k)
+
+
+# ---- fakes ---------------------------------------------------------------------------------------
+
+@torch.library.register_fake("layerpress::quantize")
+def _(weight, bits, group_size, axis, symmetric, scale_dtype, scales=None, zeros=None):
+    n, k = weight.shape
+    shape = _scale_shape(axis, _group(group_size, axis, n, k), n, k)
+    codes = weight.new_empty((n, k), dtype=torch.uint8)
+    s = weight.new_empty(shape, dtype=scale_dtype)
+    z = weight.new_empty((0,) if symmetric else shape, dtype=torch.uint8)
+    return codes, s, z
+
+
+@torch.library.register_fake("layerpress::pack")
+def _(codes, bits):
+    return codes.new_empty((codes.shape[0], codes.shape[1] * bits // 32), dtype=torch.int32)
+
+
+@torch.library.register_fake("layerpress::unpack")
+def _(qweight, bits):
+    return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 32 // bits), dtype=torch.uint8)
+
+
+@torch.library.register_fake("layerpress::dequantize")
+def _(qweight, scales, zeros, bits, group_size, axis, out_dtype=None):
+    k = qweight.shape[1] * 32 // bits
+    return qweight.new_empty((qweight.shape[0], k), dtype=out_dtype or scales.dtype)
+
+
+@torch.library.register_fake("layerpress::repack")
+def _(qweight, scales, zeros, bits, group_size, axis, layout):
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 32 // bits
+    g = _group(group_size, axis, n, k)
+    tiles = (n + TILE_ROWS - 1) // TILE_ROWS
+    sshape = _native_scale_shape(axis, g, n, k)
+    q = qweight.new_empty((tiles, k // 32, bits, TILE_ROWS))
+    s = scales.new_empty(sshape)
+    z = qweight.new_empty((0,) if zeros is None else sshape, dtype=torch.uint8)
+    return q, s, z
+
+
+@torch.library.register_fake("layerpress::unrepack")
+def _(qweight, scales, zeros, bits, group_size, axis, layout, out_features):
+    n, k = out_features, qweight.shape[1] * 32
+    g = _group(group_size, axis, n, k)
+    sshape = _scale_shape(axis, g, n, k)
+    q = qweight.new_empty((n, k * bits // 32))
+    s = scales.new_empty(sshape)
+    z = qweight.new_empty((0,) if zeros is None else sshape, dtype=torch.uint8)
+    return q, s, z
+
+
+@torch.library.register_fake("layerpress::gemm")
+def _(x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("layerpress::gemm_t")
+def _(grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features):
+    return grad.new_empty((*grad.shape[:-1], qweight.shape[1] * 32))
+
+
+# ---- autograd: gradient with respect to the input (and bias); the quantised weight is frozen ----
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_features = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.params = (bits, group_size, axis, layout, out_features)
+    ctx.has_bias = bias is not None
+    ctx.x_requires_grad = x.requires_grad
+
+
+def _gemm_backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, axis, layout, out_features = ctx.params
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.gemm_t(grad.contiguous(), qweight, scales, zeros, bits, group_size, axis,
+                             layout, out_features)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("layerpress::gemm", _gemm_backward, setup_context=_gemm_setup_context)
+
+
+# ---- typed wrappers ------------------------------------------------------------------------------
+
+def quantize(weight: torch.Tensor, spec: QuantSpec, scales: Optional[torch.Tensor] = None,
+             zeros: Optional[torch.Tensor] = None):
+    """Round-to-nearest quantisation of ``weight [N, K]``: min-max scales (the range always
+    includes 0), or the given ``scales``/``zeros``. Returns ``(codes uint8 [N, K], scales,
+    zeros uint8 or None)``."""
+    codes, s, z = _ops.quantize(weight, spec.bits, spec.group_size, spec.axis_id, spec.symmetric,
+                                spec.scale_dtype, scales, zeros)
+    return codes, s, (None if spec.symmetric else z)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` -> canonical packed int32 ``[N, K*bits/32]``."""
+    return _ops.pack(codes, bits)
+
+
+def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical packed int32 ``[N, K*bits/32]`` -> uint8 codes ``[N, K]``."""
+    return _ops.unpack(qweight, bits)
+
+
+def dequantize(qweight, scales, zeros, spec: QuantSpec, out_dtype: Optional[torch.dtype] = None):
+    """Canonical packed weight -> dense ``[N, K]`` ``(q - z) * s`` (computed in fp32)."""
+    return _ops.dequantize(qweight, scales, zeros, spec.bits, spec.group_size, spec.axis_id, out_dtype)
+
+
+def repack(qweight, scales, zeros, spec: QuantSpec, layout: int = Layout.CPU_BITPLANE16):
+    """Canonical (qweight, scales, zeros) -> a kernel-native layout. Returns the triple
+    (zeros None when symmetric)."""
+    q, s, z = _ops.repack(qweight, scales, zeros, spec.bits, spec.group_size, spec.axis_id, int(layout))
+    return q, s, (None if zeros is None else z)
+
+
+def unrepack(qweight, scales, zeros, spec: QuantSpec, out_features: int,
+             layout: int = Layout.CPU_BITPLANE16):
+    """Inverse of :func:`repack`: a kernel-native triple back to the canonical layout."""
+    q, s, z = _ops.unrepack(qweight, scales, zeros, spec.bits, spec.group_size, spec.axis_id,
+                            int(layout), out_features)
+    return q, s, (None if zeros is None else z)
+
+
+def gemm(x, qweight, scales, zeros, bias, spec: QuantSpec, out_features: int,
+         layout: int = Layout.CPU_BITPLANE16):
+    """``Y = X · dequant(W)ᵀ (+ bias)`` with the weight in a kernel-native layout."""
+    return _ops.gemm(x, qweight, scales, zeros, bias, spec.bits, spec.group_size, spec.axis_id,
+                     int(layout), out_features)
+
+
+def gemm_t(grad, qweight, scales, zeros, spec: QuantSpec, out_features: int,
+           layout: int = Layout.CPU_BITPLANE16):
+    """``G · dequant(W)`` -- the input gradient of :func:`gemm`."""
+    return _ops.gemm_t(grad, qweight, scales, zeros, spec.bits, spec.group_size, spec.axis_id,
+                       int(layout), out_features)
