@@ -125,13 +125,15 @@ void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsu
         for (int b = 0; b < BITS; ++b)
           w[r][b] = _mm512_loadu_si512(qw + (((t0 + r) * KB + kb) * BITS + b) * kTileRows);
       const float* tb = tables + kb * 8 * 16;
-#pragma GCC unroll 8
+      // Nibble j of every word indexes table j; shift the words down as we go (vpermps reads
+      // only the low 4 bits of each index).
+#pragma GCC unroll 1
       for (int j = 0; j < 8; ++j) {
         const __m512 tab = _mm512_load_ps(tb + j * 16);
         for (int r = 0; r < R; ++r)
           for (int b = 0; b < BITS; ++b) {
-            const __m512i idx = j == 0 ? w[r][b] : _mm512_srli_epi32(w[r][b], 4 * j);
-            acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(idx, tab));
+            acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(w[r][b], tab));
+            w[r][b] = _mm512_srli_epi32(w[r][b], 4);
           }
       }
     }
