@@ -108,6 +108,7 @@ int main(int argc, char** argv) {
                     variant.name, static_cast<long long>(M), static_cast<long long>(K),
                     static_cast<long long>(N), static_cast<long long>(bits), static_cast<long long>(group),
                     axis == 0 ? "oc" : "ic", threads, ms[ms.size() / 2]);
+        if (std::getenv("LP_BENCH_MIN")) std::printf("  min_ms %.4f\n", ms.front());
       }
     }
   return 0;

@@ -20,7 +20,17 @@ namespace layerpress {
 namespace {
 
 constexpr int64_t kMR = 6;
-constexpr int64_t kLutMaxM = 4;  // LUT path up to this many rows (see bench/README for the choice)
+// LUT path up to this many rows, tile path above: LUT work grows with M·bits, the tile path's
+// dequantisation is paid once. Crossover measured on a 2-core Zen 4 with bench_gemm_cpu
+// (K = N = 4096): about 24 rows at 2 bits, 12 at 4 bits, so 48 / bits. The environment variable
+// LAYERPRESS_LUT_MAX_M overrides it (tests use it to run both paths at every M).
+int64_t lut_max_m(int bits) {
+  static const int64_t forced = [] {
+    const char* e = std::getenv("LAYERPRESS_LUT_MAX_M");
+    return e ? std::atoll(e) : int64_t{-1};
+  }();
+  return forced >= 0 ? forced : 48 / bits;
+}
 
 template <int ROWS>
 void microkernel_rows(const float* A, int64_t lda, const float* P, int64_t R, float* C) {
@@ -61,10 +71,6 @@ void microkernel_avx512(const float* A, int64_t lda, int64_t rows, const float* 
 }
 #define LP_MICROKERNEL microkernel_avx512
 
-#include "gemm_cpu_tile.inc"
-
-// ---- LUT path -----------------------------------------------------------------------------------
-
 inline __m512 load16_float(const void* p, int64_t i, FloatType t) {
   switch (t) {
     case FloatType::kF32: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
@@ -76,6 +82,97 @@ inline __m512 load16_float(const void* p, int64_t i, FloatType t) {
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
   }
 }
+
+inline __m512 load16_zeros(const uint8_t* z) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+}
+
+// AVX-512 versions of the tile path's panel dequantisation (contract in gemm_cpu_tile.inc).
+// Codes are assembled from the bit planes with mask registers: bit i of the 16 plane-p words is
+// a 16-lane mask, OR-ed into the code as 1 << p.
+void dequant_panel_fwd_avx512(const CpuGemmArgs& a, int64_t n0, int64_t k0, int64_t k1, float* P) {
+  const QuantParams& p = a.p;
+  const int64_t KB = p.K / 32, G = p.groups_per_line();
+  const int32_t* qw = a.qweight;
+  const __m512 sym_zero = _mm512_set1_ps(static_cast<float>(p.sym_zero()));
+  for (int64_t tt = 0; tt < 4; ++tt) {
+    const int64_t t = n0 / kTileRows + tt;
+    float* Pt = P + tt * kTileRows;
+    if (t >= p.row_tiles()) {
+      for (int64_t k = k0; k < k1; ++k) _mm512_store_ps(Pt + (k - k0) * 64, _mm512_setzero_ps());
+      continue;
+    }
+    for (int64_t kb = k0 / 32; kb < k1 / 32; ++kb) {
+      __m512i w[8];
+      for (int b = 0; b < p.bits; ++b)
+        w[b] = _mm512_loadu_si512(qw + ((t * KB + kb) * p.bits + b) * kTileRows);
+      __m512 s = _mm512_setzero_ps(), z = sym_zero;
+      if (p.axis == GroupAxis::kPerOC) {
+        const int64_t si = (t * G + kb * 32 / p.group) * kTileRows;
+        s = load16_float(a.scales, si, p.scale_type);
+        if (!p.symmetric) z = load16_zeros(a.zeros + si);
+      }
+      const int64_t ic_base = (t * kTileRows / p.group) * p.K + kb * 32;
+      for (int i = 0; i < 32; ++i) {
+        const __m512i bit = _mm512_set1_epi32(1 << i);
+        __m512i q = _mm512_setzero_si512();
+        for (int b = 0; b < p.bits; ++b)
+          q = _mm512_mask_or_epi32(q, _mm512_test_epi32_mask(w[b], bit), q, _mm512_set1_epi32(1 << b));
+        if (p.axis == GroupAxis::kPerIC) {
+          s = _mm512_set1_ps(load_float(a.scales, ic_base + i, p.scale_type));
+          if (!p.symmetric) z = _mm512_set1_ps(static_cast<float>(a.zeros[ic_base + i]));
+        }
+        _mm512_store_ps(Pt + (kb * 32 + i - k0) * 64, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s));
+      }
+    }
+  }
+}
+
+void dequant_panel_t_avx512(const CpuGemmArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_t cols, float* P) {
+  const QuantParams& p = a.p;
+  const int64_t KB = p.K / 32, G = p.groups_per_line();
+  const uint32_t* qw = reinterpret_cast<const uint32_t*>(a.qweight);
+  const __m512 sym_zero = _mm512_set1_ps(static_cast<float>(p.sym_zero()));
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t t = n / kTileRows, l = n % kTileRows;
+    float* dst = P + (n - n0) * 64;
+    if (cols < 64) {
+      _mm512_store_ps(dst + 32, _mm512_setzero_ps());
+      _mm512_store_ps(dst + 48, _mm512_setzero_ps());
+    }
+    for (int64_t kb = k0 / 32; kb < (k0 + cols) / 32; ++kb) {
+      __m512i q_lo = _mm512_setzero_si512(), q_hi = _mm512_setzero_si512();
+      const uint32_t* w = qw + (t * KB + kb) * p.bits * kTileRows + l;
+      for (int b = 0; b < p.bits; ++b) {
+        const uint32_t word = w[b * kTileRows];
+        const __m512i one = _mm512_set1_epi32(1 << b);
+        q_lo = _mm512_mask_or_epi32(q_lo, static_cast<__mmask16>(word & 0xffffu), q_lo, one);
+        q_hi = _mm512_mask_or_epi32(q_hi, static_cast<__mmask16>(word >> 16), q_hi, one);
+      }
+      __m512 s_lo, s_hi, z_lo, z_hi;
+      if (p.axis == GroupAxis::kPerOC) {
+        const int64_t si = (t * G + kb * 32 / p.group) * kTileRows + l;
+        s_lo = s_hi = _mm512_set1_ps(load_float(a.scales, si, p.scale_type));
+        z_lo = z_hi = p.symmetric ? sym_zero : _mm512_set1_ps(static_cast<float>(a.zeros[si]));
+      } else {
+        const int64_t si = (n / p.group) * p.K + kb * 32;
+        s_lo = load16_float(a.scales, si, p.scale_type);
+        s_hi = load16_float(a.scales, si + 16, p.scale_type);
+        z_lo = p.symmetric ? sym_zero : load16_zeros(a.zeros + si);
+        z_hi = p.symmetric ? sym_zero : load16_zeros(a.zeros + si + 16);
+      }
+      float* d = dst + (kb * 32 - k0);
+      _mm512_store_ps(d, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q_lo), z_lo), s_lo));
+      _mm512_store_ps(d + 16, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q_hi), z_hi), s_hi));
+    }
+  }
+}
+#define LP_DEQUANT_PANEL_FWD dequant_panel_fwd_avx512
+#define LP_DEQUANT_PANEL_T dequant_panel_t_avx512
+
+#include "gemm_cpu_tile.inc"
+
+// ---- LUT path -----------------------------------------------------------------------------------
 
 // tables[j][e] = Σ_b bit_b(e) · x[4j + b], for j < K/4.
 void build_tables(const float* x, int64_t K, float* tables) {
@@ -91,6 +188,21 @@ void build_tables(const float* x, int64_t K, float* tables) {
     t = _mm512_fmadd_ps(_mm512_set1_ps(x[4 * j + 3]), e[3], t);
     _mm512_store_ps(tables + j * 16, t);
   }
+}
+
+// xs[k] = x[k]·s[s0 + k] and returns Σ_k xs[k]·z[k] (z = zeros[k], or sym_zero when zeros is null):
+// the per-IC activation scaling of one output group.
+float scale_activations(const float* x, const void* s, int64_t s0, FloatType st, const uint8_t* zeros,
+                        float sym_zero, int64_t K, float* xs) {
+  __m512 c = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), load16_float(s, s0 + k, st));
+    _mm512_storeu_ps(xs + k, v);
+    const __m512 z = zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + k))))
+                           : _mm512_set1_ps(sym_zero);
+    c = _mm512_fmadd_ps(v, z, c);
+  }
+  return _mm512_reduce_add_ps(c);
 }
 
 // Σ_p 2^p · acc[p]
@@ -113,6 +225,9 @@ void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsu
   const int64_t fold_blocks = per_oc ? p.group / 32 : KB;
   const int64_t G = p.groups_per_line();
   const uint32_t* qw = reinterpret_cast<const uint32_t*>(a.qweight);
+  const uint32_t* last_vector = qw + (p.row_tiles() * KB * BITS - 1) * kTileRows;
+  alignas(64) uint32_t last_copy[kTileRows + 1] = {};
+  std::memcpy(last_copy, last_vector, kTileRows * 4);
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t kb0 = 0; kb0 < KB; kb0 += fold_blocks) {
@@ -120,20 +235,24 @@ void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsu
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < BITS; ++b) acc[r][b] = _mm512_setzero_ps();
     for (int64_t kb = kb0; kb < kb0 + fold_blocks; ++kb) {
-      __m512i w[R][BITS];
-      for (int r = 0; r < R; ++r)
-        for (int b = 0; b < BITS; ++b)
-          w[r][b] = _mm512_loadu_si512(qw + (((t0 + r) * KB + kb) * BITS + b) * kTileRows);
       const float* tb = tables + kb * 8 * 16;
-      // Nibble j of every word indexes table j; shift the words down as we go (vpermps reads
-      // only the low 4 bits of each index).
+      // Nibble j of a word indexes table j (vpermps reads only the low 4 bits of an index).
+      // Loading the 16 words at byte offset o puts nibble 2o in the low bits; one shift by 4
+      // gives nibble 2o+1. The 3 bytes read past a vector belong to the next one, except at the
+      // very end of the weight, where a padded copy is read instead.
+      const uint32_t* src[R][BITS];
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < BITS; ++b) src[r][b] = qw + (((t0 + r) * KB + kb) * BITS + b) * kTileRows;
+      if (src[R - 1][BITS - 1] == last_vector) src[R - 1][BITS - 1] = last_copy;
 #pragma GCC unroll 1
-      for (int j = 0; j < 8; ++j) {
-        const __m512 tab = _mm512_load_ps(tb + j * 16);
+      for (int o = 0; o < 4; ++o) {
+        const __m512 tab_even = _mm512_load_ps(tb + (2 * o) * 16);
+        const __m512 tab_odd = _mm512_load_ps(tb + (2 * o + 1) * 16);
         for (int r = 0; r < R; ++r)
           for (int b = 0; b < BITS; ++b) {
-            acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(w[r][b], tab));
-            w[r][b] = _mm512_srli_epi32(w[r][b], 4);
+            const __m512i v = _mm512_loadu_si512(reinterpret_cast<const char*>(src[r][b]) + o);
+            acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(v, tab_even));
+            acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab_odd));
           }
       }
     }
@@ -212,13 +331,9 @@ void gemm_lut_path(const CpuGemmArgs& a, const ParallelFor& pf) {
         const int64_t ng = t0 * kTileRows / p.group;
         if (ng != built_group) {  // per-IC: tables of x' = x·s for this output group
           for (int64_t m = 0; m < M; ++m) {
-            float c = 0.0f;
-            for (int64_t k = 0; k < K; ++k) {
-              const float s = load_float(a.scales, ng * K + k, p.scale_type);
-              xs.ptr[k] = xf.ptr[m * K + k] * s;
-              c += xs.ptr[k] * static_cast<float>(p.symmetric ? p.sym_zero() : a.zeros[ng * K + k]);
-            }
-            ic_offset[m] = c;
+            ic_offset[m] = scale_activations(xf.ptr + m * K, a.scales, ng * K,
+                                             p.scale_type, p.symmetric ? nullptr : a.zeros + ng * K,
+                                             static_cast<float>(p.sym_zero()), K, xs.ptr);
             build_tables(xs.ptr, K, own_tables.ptr + m * K * 4);
           }
           built_group = ng;
@@ -245,7 +360,7 @@ void gemm_lut_path(const CpuGemmArgs& a, const ParallelFor& pf) {
 }  // namespace
 
 void gemm_avx512(const CpuGemmArgs& a, const ParallelFor& pf) {
-  if (a.M <= kLutMaxM) gemm_lut_path(a, pf);
+  if (a.M <= lut_max_m(a.p.bits)) gemm_lut_path(a, pf);
   else gemm_tile_path(a, pf);
 }
 void gemm_t_avx512(const CpuGemmArgs& a, const ParallelFor& pf) { gemm_t_tile_path(a, pf); }
