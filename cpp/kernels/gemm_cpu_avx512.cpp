@@ -292,9 +292,12 @@ void gemm_lut_path(const CpuGemmArgs& a, const ParallelFor& pf) {
   const QuantParams& p = a.p;
   const int64_t M = a.M, K = p.K, T = p.row_tiles();
   const bool per_oc = p.axis == GroupAxis::kPerOC;
-  int R = std::max(1, 8 / p.bits);  // keeps R*bits accumulators and words in registers
-  if (!per_oc) R = static_cast<int>(std::min<int64_t>(R, std::max<int64_t>(1, p.group / kTileRows)));
-  while (R > 1 && T % R) R /= 2;  // every unit holds R whole tiles
+  // R tiles per unit keep R·bits accumulators and words in registers (R is 4, 2 or 1). A unit
+  // must hold R whole tiles and, per-IC, stay inside one output group (g/16 tiles unless the
+  // group is the whole column).
+  int R = p.bits == 2 ? 4 : (p.bits == 8 ? 1 : 2);
+  const bool single_group = per_oc || p.group == p.N;
+  while (R > 1 && (T % R != 0 || (!single_group && (p.group / kTileRows) % R != 0))) R /= 2;
   LutFn fn = nullptr;
   switch (p.bits) {
     case 2: fn = pick_lut<2>(R); break;

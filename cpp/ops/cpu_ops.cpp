@@ -106,9 +106,26 @@ void check_layout(int64_t layout) {
                     static_cast<int>(Layout::kCpuBitplane16), " (cpu_bitplane16)");
 }
 
+bool is_canonical(int64_t layout) { return layout == static_cast<int64_t>(Layout::kCanonical); }
+
+// repack/unrepack to or from the canonical layout itself: validated copies.
+std::tuple<Tensor, Tensor, Tensor> canonical_copy(const Tensor& qweight, const Tensor& scales,
+                                                  const optional<Tensor>& zeros, int64_t bits,
+                                                  int64_t group_size, int64_t axis, int64_t N) {
+  const int64_t K = k_from_canonical(qweight, bits, "qweight");
+  TORCH_CHECK_VALUE(N < 0 || qweight.size(0) == N, "qweight has ", qweight.size(0),
+                    " rows but out_features=", N);
+  const QuantParams p = make_params(qweight.size(0), K, bits, group_size, axis, !zeros.has_value(),
+                                    float_type_of(scales, "scales"));
+  check_scales_zeros(scales, zeros, canonical_scale_shape(p), qweight, "qweight");
+  return {qweight.clone(), scales.clone(),
+          zeros ? zeros->clone() : at::empty({0}, qweight.options().dtype(at::kByte))};
+}
+
 std::tuple<Tensor, Tensor, Tensor> repack_cpu(const Tensor& qweight, const Tensor& scales,
                                               const optional<Tensor>& zeros, int64_t bits,
                                               int64_t group_size, int64_t axis, int64_t layout) {
+  if (is_canonical(layout)) return canonical_copy(qweight, scales, zeros, bits, group_size, axis, -1);
   check_layout(layout);
   const int64_t K = k_from_canonical(qweight, bits, "qweight");
   const FloatType st = float_type_of(scales, "scales");
@@ -146,6 +163,8 @@ std::tuple<Tensor, Tensor, Tensor> unrepack_cpu(const Tensor& qweight, const Ten
                                                 const optional<Tensor>& zeros, int64_t bits,
                                                 int64_t group_size, int64_t axis, int64_t layout,
                                                 int64_t out_features) {
+  if (is_canonical(layout))
+    return canonical_copy(qweight, scales, zeros, bits, group_size, axis, out_features);
   const QuantParams p = bitplane_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
   Tensor q = at::empty({p.N, p.words_per_row()}, qweight.options());
   Tensor s = at::empty(canonical_scale_shape(p), scales.options());
@@ -165,7 +184,7 @@ Tensor flat_activation(const Tensor& x, int64_t cols, const char* name, const ch
   check_same_device(x, qweight, name, "qweight");
   TORCH_CHECK_VALUE(x.size(-1) == cols, name, " has last dimension ", x.size(-1), " but the layer's ",
                     what, " is ", cols);
-  TORCH_CHECK_VALUE(x.stride(-1) == 1, name, " must be contiguous in its last dimension");
+  TORCH_CHECK_VALUE(x.numel() == 0 || x.stride(-1) == 1, name, " must be contiguous in its last dimension");
   return x.reshape({-1, cols});  // a view when possible; rows may keep a stride
 }
 

@@ -1,0 +1,279 @@
+"""The ``layerpress`` command line.
+
+    layerpress               the same as ``layerpress demo``
+    layerpress demo          quantise a random 4096x4096 Linear at W4/W3/W2 (per-OC and per-IC),
+                             check the low-bit GEMM against the float64 reference, benchmark it
+    layerpress info          build information (version, torch, CUDA, CPU features, kernels) as JSON
+    layerpress bench [...]   the CPU GEMM benchmark suite (bench/bench_gemm.py of a source checkout)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+PROG = "layerpress"
+
+
+class UsageError(Exception):
+    """A mistake on the command line: reported as one line, no traceback, exit status 2."""
+
+
+# ---- demo ------------------------------------------------------------------------------------------
+
+DEMO_CONFIGS = [(4, "oc"), (4, "ic"), (3, "oc"), (3, "ic"), (2, "oc"), (2, "ic")]
+DEMO_GROUP = 128
+
+
+def _median_ms(fn, target_s: float = 0.15, min_repeats: int = 3) -> float:
+    """Median wall time of fn() in ms: one warm-up call, then about target_s of timed calls."""
+    t0 = time.perf_counter()
+    fn()
+    est = time.perf_counter() - t0
+    n = int(min(1000, max(min_repeats, target_s / max(est, 1e-7))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _table(head: List[str], rows: List[List[str]], left: int = 1) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _int4pack(w, group: int):
+    """W4 asymmetric RTN weight in the layout of torch's _weight_int4pack_mm_for_cpu
+    (tinygemm: (q - 8)·scale + zero, scales_and_zeros bf16 [K/g, N, 2])."""
+    import torch
+    from . import ops
+    from .spec import QuantSpec
+
+    spec = QuantSpec(bits=4, group_size=group, axis="oc", scale_dtype=torch.bfloat16)
+    codes, s, z = ops.quantize(w.contiguous(), spec)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    sf = s.float()
+    sz = torch.stack([sf, (8.0 - z.float()) * sf], dim=-1).transpose(0, 1).contiguous()
+    return packed, sz.to(torch.bfloat16)
+
+
+def demo(args) -> int:
+    import torch
+    from torch import nn
+
+    import layerpress
+    from . import ops, reference
+    from .nn import QuantLinear
+    from .spec import QuantSpec
+
+    size, seed = args.size, args.seed
+    if size < DEMO_GROUP or size % DEMO_GROUP:
+        raise UsageError(f"--size must be a positive multiple of {DEMO_GROUP}, got {size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    info = layerpress.build_info()
+    print(f"layerpress {layerpress.__version__} | torch {torch.__version__} | CPU GEMM kernel "
+          f"'{info['cpu_kernels']['gemm']}' | {torch.get_num_threads()} threads")
+    print()
+    torch.manual_seed(seed)
+    lin = nn.Linear(size, size)  # kaiming-uniform weights, uniform bias, seeded
+    w = lin.weight.detach()
+    gen = torch.Generator().manual_seed(seed + 1)
+    xs = {m: torch.randn(m, size, generator=gen) for m in (1, 16)}
+    print(f"Quantising nn.Linear({size}, {size}) (seed {seed}) with QuantLinear.from_linear "
+          f"(round-to-nearest, min-max, group {DEMO_GROUP}, asymmetric, fp16 scales); each GEMM "
+          f"is checked against the float64 reference layerpress.reference.gemm on the same codes.")
+    print()
+
+    failures = 0
+    rows = []
+    modules = {}
+    with torch.inference_mode():
+        y_float = {m: lin(x).double() for m, x in xs.items()}
+        for bits, axis in DEMO_CONFIGS:
+            spec = QuantSpec(bits=bits, group_size=DEMO_GROUP, axis=axis)
+            ql = QuantLinear.from_linear(lin, spec)
+            modules[(bits, axis)] = ql
+            q, s, z = ql.canonical()
+            codes = ops.unpack(q, bits)
+            # The format: the C++ quantiser must match the plain-PyTorch definition bit for bit.
+            rc, rs, rz = reference.quantize(w, spec)
+            same_codes = (torch.equal(codes, rc) and torch.equal(s, rs)
+                          and (z is None or torch.equal(z, rz)))
+            # The checkpoint: a state_dict round trip gives a layer with identical outputs.
+            fresh = QuantLinear(size, size, spec)
+            fresh.load_state_dict(ql.state_dict())
+            same_reload = torch.equal(fresh(xs[1]), ql(xs[1]))
+            bits_per_w = bits + (16 + 8) / DEMO_GROUP
+            checks = [(torch.float32, 1), (torch.float32, 16)]
+            if bits == 4:
+                checks.append((torch.bfloat16, 16))
+            for dtype, m in checks:
+                x = xs[m].to(dtype)
+                y = ql(x)
+                y_ref = reference.gemm(x.float(), codes, s, z, spec, bias=lin.bias.detach())
+                err = (y.double() - y_ref).abs().max().item()
+                rel_tol = 1e-4 if dtype == torch.float32 else 1e-2
+                tol = rel_tol * max(1.0, y_ref.abs().max().item())
+                quant_err = ((y_ref - y_float[m]).norm() / y_float[m].norm()).item()
+                ok = err <= tol and same_codes and same_reload
+                failures += not ok
+                rows.append([f"W{bits} g{DEMO_GROUP} {'per-OC' if axis == 'oc' else 'per-IC'}",
+                             f"{bits_per_w:.3f}", "fp32" if dtype == torch.float32 else "bf16",
+                             str(m), f"{err:.2e}", f"{tol:.1e}",
+                             "yes" if same_codes else "NO", "yes" if same_reload else "NO",
+                             f"{100 * quant_err:.1f}%", "PASS" if ok else "FAIL"])
+    print(_table(["weight", "bits/w", "act", "M", "max |err|", "tolerance", "codes = ref",
+                  "reload = same", "quant. error", "result"], rows))
+    print("  max |err|: GEMM output vs the float64 reference on the same codes (tolerance 1e-4 "
+          "x max|y| for fp32, 1e-2 x max|y| for bf16 activations)")
+    print("  codes = ref: quantiser bit-identical to layerpress.reference.quantize; reload = same: "
+          "state_dict round trip; quant. error: ||y_q - y_float|| / ||y_float||")
+    print()
+
+    if not args.no_bench:
+        _demo_bench(lin, modules, xs)
+
+    elapsed = time.perf_counter() - started
+    if failures:
+        print(f"FAIL: {failures} of {len(rows)} checks failed ({elapsed:.0f} s)")
+        return 1
+    print(f"PASS: all {len(rows)} checks within tolerance ({elapsed:.0f} s)")
+    return 0
+
+
+def _demo_bench(lin, modules, xs) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    size = lin.in_features
+    w, b = lin.weight.detach(), lin.bias.detach()
+    print(f"Benchmark (CPU, median of repeats, {torch.get_num_threads()} threads; "
+          f"'vs X' = X's time / layerpress's time, >1 means layerpress is faster)")
+    rows = []
+    with torch.inference_mode():
+        i4, i4sz = _int4pack(w, DEMO_GROUP)
+        for m, x in xs.items():
+            xb = x.to(torch.bfloat16)
+            t_fp32 = _median_ms(lambda: F.linear(x, w, b))
+            t_i4 = _median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, i4, DEMO_GROUP, i4sz))
+            for (bits, axis), ql in modules.items():
+                t = _median_ms(lambda: ql(x))
+                rows.append([f"W{bits} g{DEMO_GROUP} {axis}", str(m), f"{t:.3f}", f"{t_fp32:.3f}",
+                             f"{t_fp32 / t:.2f}x", f"{t_i4:.3f}", f"{t_i4 / t:.2f}x"])
+    print(_table(["layerpress (fp32 act)", "M", "ms", "F.linear fp32 ms", "vs fp32",
+                  "int4pack bf16 ms", "vs int4pack"], rows))
+    print(f"  shape K = N = {size}; int4pack = torch.ops.aten._weight_int4pack_mm_for_cpu "
+          f"(W4 g{DEMO_GROUP}, bf16 activations). Full suite: layerpress bench (or python -m "
+          f"bench.bench_gemm)")
+    print()
+
+
+# ---- info, bench -----------------------------------------------------------------------------------
+
+def info(args) -> int:
+    import layerpress
+
+    print(json.dumps(layerpress.build_info(), indent=2))
+    return 0
+
+
+def _find_bench_suite() -> Optional[Path]:
+    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    if os.environ.get("LAYERPRESS_SOURCE_DIR"):
+        roots.insert(0, Path(os.environ["LAYERPRESS_SOURCE_DIR"]))
+    for root in roots:
+        p = root / "bench" / "bench_gemm.py"
+        if p.is_file():
+            return p
+    return None
+
+
+def bench(argv: List[str]) -> int:
+    path = _find_bench_suite()
+    if path is None:
+        raise UsageError("the benchmark suite (bench/bench_gemm.py) ships with the source tree, "
+                         "not with the installed package: run `layerpress bench` from a checkout "
+                         "of layerpress, or set LAYERPRESS_SOURCE_DIR to one")
+    spec = importlib.util.spec_from_file_location("layerpress_bench_gemm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv, prog=f"{PROG} bench")
+
+
+# ---- entry point -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="layerpress: low-bit GEMM, per-input-channel quantisation and compression "
+                    "flows for PyTorch. With no command, runs `demo`.",
+        epilog="`layerpress bench --help` lists the benchmark options.")
+    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench}")
+    d = sub.add_parser(
+        "demo", help="quantise a random Linear at W4/W3/W2, check and benchmark the GEMM (default)",
+        description="Quantises a seeded random nn.Linear(SIZE, SIZE) with QuantLinear.from_linear "
+                    f"at W4, W3 and W2 (group {DEMO_GROUP}, per-OC and per-IC), checks every GEMM "
+                    "against the float64 reference, the quantiser against the plain-PyTorch "
+                    "reference and a state_dict round trip, then benchmarks M = 1 and M = 16 "
+                    "against F.linear fp32 and torch's _weight_int4pack_mm_for_cpu. Exit status 1 "
+                    "if any check fails.")
+    d.add_argument("--size", type=int, default=4096,
+                   help=f"in = out features (multiple of {DEMO_GROUP}; default 4096)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--no-bench", action="store_true", help="checks only, no timing")
+    d.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    sub.add_parser("info", help="print build information as JSON",
+                   description="Prints layerpress.build_info(): version, the torch it was built "
+                               "against, CUDA on/off and architectures, CPU features and the "
+                               "kernel variant chosen per op.")
+    sub.add_parser("bench", help="run the CPU GEMM benchmark suite (options forwarded)",
+                   add_help=False)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] == "bench":
+            return bench(argv[1:])
+        args = parser.parse_args(argv)
+        if args.command in (None, "demo"):
+            if args.command is None:
+                args = parser.parse_args(["demo"])
+            return demo(args)
+        if args.command == "info":
+            return info(args)
+        parser.error(f"unknown command {args.command!r}")
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `layerpress info | head -1`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # silence the flush at exit
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
