@@ -73,7 +73,7 @@ float store_rounded_scale(void* scales, int64_t i, FloatType t, float s) {
 }
 
 // Quantises one group: `count` weights at w[base + j*stride]; the scale/zero index is sz.
-bool quantize_group(const void* w, FloatType wt, int64_t base, int64_t stride, int64_t count,
+QuantStatus quantize_group(const void* w, FloatType wt, int64_t base, int64_t stride, int64_t count,
                     const QuantParams& p, uint8_t* codes, int64_t code_base, int64_t code_stride,
                     void* scales, uint8_t* zeros, int64_t sz, bool given) {
   float lo = 0.0f, hi = 0.0f, amax = 0.0f;
@@ -85,7 +85,7 @@ bool quantize_group(const void* w, FloatType wt, int64_t base, int64_t stride, i
     hi = std::max(hi, v);
     amax = std::max(amax, std::fabs(v));
   }
-  if (!finite) return false;
+  if (!finite) return QuantStatus::kNonFiniteWeight;
   const int32_t qmax = p.qmax();
   float s;
   int32_t z;
@@ -106,7 +106,7 @@ bool quantize_group(const void* w, FloatType wt, int64_t base, int64_t stride, i
     q = std::min(std::max(q, 0.0f), static_cast<float>(qmax));
     codes[code_base + j * code_stride] = static_cast<uint8_t>(q);
   }
-  return true;
+  return std::isfinite(s) ? QuantStatus::kOk : QuantStatus::kScaleOverflow;
 }
 
 inline uint32_t extract_code(const int32_t* row, int64_t k, int bits) {
@@ -121,28 +121,30 @@ inline uint32_t extract_code(const int32_t* row, int64_t k, int bits) {
 
 }  // namespace
 
-bool quantize_rtn(const void* w, FloatType wt, const QuantParams& p, uint8_t* codes, void* scales,
-                  uint8_t* zeros, bool given, const ParallelFor& pf) {
-  std::atomic<bool> ok{true};
+QuantStatus quantize_rtn(const void* w, FloatType wt, const QuantParams& p, uint8_t* codes, void* scales,
+                         uint8_t* zeros, bool given, const ParallelFor& pf) {
+  std::atomic<int> status{0};  // the most severe status seen
+  auto note = [&](QuantStatus st) {
+    int cur = status.load();
+    while (static_cast<int>(st) > cur && !status.compare_exchange_weak(cur, static_cast<int>(st))) {}
+  };
   const int64_t G = p.groups_per_line();
   if (p.axis == GroupAxis::kPerOC) {
     pf(p.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t g = 0; g < G; ++g)
-          if (!quantize_group(w, wt, n * p.K + g * p.group, 1, p.group, p, codes,
-                              n * p.K + g * p.group, 1, scales, zeros, n * G + g, given))
-            ok = false;
+          note(quantize_group(w, wt, n * p.K + g * p.group, 1, p.group, p, codes, n * p.K + g * p.group, 1,
+                              scales, zeros, n * G + g, given));
     });
   } else {
     pf(p.K, 16, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k)
         for (int64_t g = 0; g < G; ++g)
-          if (!quantize_group(w, wt, g * p.group * p.K + k, p.K, p.group, p, codes,
-                              g * p.group * p.K + k, p.K, scales, zeros, k * G + g, given))
-            ok = false;
+          note(quantize_group(w, wt, g * p.group * p.K + k, p.K, p.group, p, codes, g * p.group * p.K + k,
+                              p.K, scales, zeros, k * G + g, given));
     });
   }
-  return ok;
+  return static_cast<QuantStatus>(status.load());
 }
 
 void pack_codes(const uint8_t* codes, int64_t rows, int64_t K, int bits, int32_t* packed,

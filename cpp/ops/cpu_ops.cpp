@@ -57,9 +57,11 @@ std::tuple<Tensor, Tensor, Tensor> quantize_cpu(const Tensor& weight, int64_t bi
     zeros = at::empty(symmetric ? std::vector<int64_t>{0} : sshape, weight.options().dtype(at::kByte));
   }
   Tensor codes = at::empty({p.N, p.K}, weight.options().dtype(at::kByte));
-  const bool ok = quantize_rtn(weight.data_ptr(), wt, p, codes.data_ptr<uint8_t>(), scales.data_ptr(),
+  const QuantStatus status = quantize_rtn(weight.data_ptr(), wt, p, codes.data_ptr<uint8_t>(), scales.data_ptr(),
                                symmetric ? nullptr : zeros.data_ptr<uint8_t>(), given, torch_parallel_for());
-  TORCH_CHECK_VALUE(ok, "weight contains NaN or Inf; cannot quantise it");
+  TORCH_CHECK_VALUE(status != QuantStatus::kNonFiniteWeight, "weight contains NaN or Inf; cannot quantise it");
+  TORCH_CHECK_VALUE(status != QuantStatus::kScaleOverflow, "a group's scale overflows scale_dtype=",
+                    scale_dtype, " (the weight range is too large for it); use float32 or bfloat16 scales");
   return {codes, scales, zeros};
 }
 
@@ -184,8 +186,9 @@ Tensor flat_activation(const Tensor& x, int64_t cols, const char* name, const ch
   check_same_device(x, qweight, name, "qweight");
   TORCH_CHECK_VALUE(x.size(-1) == cols, name, " has last dimension ", x.size(-1), " but the layer's ",
                     what, " is ", cols);
-  TORCH_CHECK_VALUE(x.numel() == 0 || x.stride(-1) == 1, name, " must be contiguous in its last dimension");
-  return x.reshape({-1, cols});  // a view when possible; rows may keep a stride
+  // Rows may keep a stride (a view when possible); a strided last dimension is copied.
+  const bool unit_stride = x.numel() == 0 || x.size(-1) == 1 || x.stride(-1) == 1;
+  return (unit_stride ? x : x.contiguous()).reshape({-1, cols});
 }
 
 CpuGemmArgs gemm_args(const QuantParams& p, const Tensor& x2, const Tensor& qweight, const Tensor& scales,

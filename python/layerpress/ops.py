@@ -61,6 +61,9 @@ def _(qweight, scales, zeros, bits, group_size, axis, out_dtype=None):
 
 @torch.library.register_fake("layerpress::repack")
 def _(qweight, scales, zeros, bits, group_size, axis, layout):
+    if layout == Layout.CANONICAL:  # a validated copy
+        z = qweight.new_empty((0,), dtype=torch.uint8) if zeros is None else torch.empty_like(zeros)
+        return torch.empty_like(qweight), torch.empty_like(scales), z
     n = qweight.shape[0]
     k = qweight.shape[1] * 32 // bits
     g = _group(group_size, axis, n, k)
@@ -74,6 +77,9 @@ def _(qweight, scales, zeros, bits, group_size, axis, layout):
 
 @torch.library.register_fake("layerpress::unrepack")
 def _(qweight, scales, zeros, bits, group_size, axis, layout, out_features):
+    if layout == Layout.CANONICAL:  # a validated copy
+        z = qweight.new_empty((0,), dtype=torch.uint8) if zeros is None else torch.empty_like(zeros)
+        return torch.empty_like(qweight), torch.empty_like(scales), z
     n, k = out_features, qweight.shape[1] * 32
     g = _group(group_size, axis, n, k)
     sshape = _scale_shape(axis, g, n, k)

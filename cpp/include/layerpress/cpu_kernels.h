@@ -19,8 +19,9 @@ ParallelFor serial_for();  // runs the body once over the whole range
 // ---- format ops (canonical layout) -------------------------------------------------------------
 // Round-to-nearest quantisation of a row-major [N, K] weight of type w_type.
 // given_scales: scales (and zeros, if asymmetric) are inputs; otherwise min-max scales are
-// computed and written there. Returns false if the weight holds a NaN/Inf (codes then undefined).
-bool quantize_rtn(const void* w, FloatType w_type, const QuantParams& p, uint8_t* codes,
+// computed and written there. On a status other than kOk the codes are undefined.
+enum class QuantStatus : int { kOk = 0, kNonFiniteWeight = 1, kScaleOverflow = 2 };
+QuantStatus quantize_rtn(const void* w, FloatType w_type, const QuantParams& p, uint8_t* codes,
                   void* scales, uint8_t* zeros, bool given_scales, const ParallelFor& pf);
 void pack_codes(const uint8_t* codes, int64_t rows, int64_t K, int bits, int32_t* packed,
                 const ParallelFor& pf);
