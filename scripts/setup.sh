@@ -47,7 +47,7 @@ fi
 # Python packages, installed only when missing (module name:package name).
 missing=()
 for pair in numpy:numpy pybind11:pybind11 scikit_build_core:scikit-build-core pytest:pytest \
-            hypothesis:hypothesis safetensors:safetensors; do
+            hypothesis:hypothesis safetensors:safetensors transformers:transformers; do
   mod="${pair%%:*}"; pkg="${pair#*:}"
   "$LP_PYTHON" -c "import $mod" 2>/dev/null || missing+=("$pkg")
 done

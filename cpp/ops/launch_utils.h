@@ -102,4 +102,124 @@ inline std::vector<int64_t> bitplane_scale_shape(const QuantParams& p) {
   return {p.N / p.group, p.K};
 }
 
+// Canonical packed weight: checks dtype/rank/contiguity and returns K.
+inline int64_t k_from_canonical(const at::Tensor& qweight, int64_t bits, const char* name) {
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kInt, name, " must be int32 (packed codes), got ",
+                   qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2, name, " must be 2-D [N, K*bits/32] (canonical layout), got ",
+                    qweight.dim(), "-D");
+  check_contiguous(qweight, name);
+  check_bits(bits);
+  TORCH_CHECK_VALUE(qweight.size(1) % bits == 0, name, " has ", qweight.size(1),
+                    " words per row, not a multiple of bits=", bits,
+                    " (each 32 codes take exactly `bits` words)");
+  return qweight.size(1) * 32 / bits;
+}
+
+// Validates a canonical (qweight, scales, zeros) triple and returns its parameters.
+inline QuantParams canonical_params(const at::Tensor& qweight, const at::Tensor& scales,
+                                    const c10::optional<at::Tensor>& zeros, int64_t bits,
+                                    int64_t group_size, int64_t axis) {
+  const int64_t K = k_from_canonical(qweight, bits, "qweight");
+  const QuantParams p = make_params(qweight.size(0), K, bits, group_size, axis, !zeros.has_value(),
+                                    float_type_of(scales, "scales"));
+  check_scales_zeros(scales, zeros, canonical_scale_shape(p), qweight, "qweight");
+  return p;
+}
+
+// Activation of a GEMM ([..., cols]) as an [M, cols] matrix. Rows may keep a stride (a view
+// when possible); a strided last dimension is copied.
+inline at::Tensor flat_activation(const at::Tensor& x, int64_t cols, const char* name, const char* what,
+                                  const at::Tensor& qweight) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, name, " must have at least 1 dimension");
+  float_type_of(x, name);
+  check_same_device(x, qweight, name, "qweight");
+  TORCH_CHECK_VALUE(x.size(-1) == cols, name, " has last dimension ", x.size(-1), " but the layer's ",
+                    what, " is ", cols);
+  const bool unit_stride = x.numel() == 0 || x.size(-1) == 1 || x.stride(-1) == 1;
+  return (unit_stride ? x : x.contiguous()).reshape({-1, cols});
+}
+
+inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N,
+                       const at::Tensor& qweight) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (",
+                   x.scalar_type(), "), got ", bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N, "], got ",
+                    bias->sizes());
+  check_same_device(*bias, qweight, "bias", "qweight");
+  check_contiguous(*bias, "bias");
+}
+
+// Everything quantize needs before its kernel runs: validated parameters and the output tensors
+// (given scales/zeros are checked and copied; otherwise empty outputs of the right shapes).
+struct QuantizeSetup {
+  QuantParams p;
+  FloatType weight_type;
+  bool given;
+  at::Tensor codes, scales, zeros;  // zeros: empty [0] when symmetric
+};
+
+inline QuantizeSetup prepare_quantize(const at::Tensor& weight, int64_t bits, int64_t group_size,
+                                      int64_t axis, bool symmetric, at::ScalarType scale_dtype,
+                                      const c10::optional<at::Tensor>& scales_in,
+                                      const c10::optional<at::Tensor>& zeros_in) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ",
+                    weight.dim(), "-D");
+  QuantizeSetup q;
+  q.weight_type = float_type_of(weight, "weight");
+  check_contiguous(weight, "weight");
+  const at::Tensor probe = at::empty({0}, weight.options().dtype(scale_dtype));
+  q.p = make_params(weight.size(0), weight.size(1), bits, group_size, axis, symmetric,
+                    float_type_of(probe, "scale_dtype"));
+  const auto sshape = canonical_scale_shape(q.p);
+  q.given = scales_in.has_value();
+  if (q.given) {
+    TORCH_CHECK_VALUE(symmetric != zeros_in.has_value(),
+                      symmetric ? "zeros must be None for symmetric quantisation"
+                                : "asymmetric quantisation with given scales needs zeros too");
+    TORCH_CHECK_TYPE(scales_in->scalar_type() == scale_dtype, "scales have dtype ",
+                     scales_in->scalar_type(), " but scale_dtype is ", scale_dtype);
+    check_scales_zeros(*scales_in, zeros_in, sshape, weight, "weight");
+    TORCH_CHECK_VALUE(at::isfinite(*scales_in).all().item<bool>() && (*scales_in != 0).all().item<bool>(),
+                      "scales must be finite and non-zero");
+    if (zeros_in.has_value())
+      TORCH_CHECK_VALUE(zeros_in->max().item<int64_t>() <= (1 << bits) - 1, "zeros must be <= 2^bits - 1 = ",
+                        (1 << bits) - 1, " for bits=", bits);
+    q.scales = scales_in->clone();
+    q.zeros = zeros_in.has_value() ? zeros_in->clone() : at::empty({0}, weight.options().dtype(at::kByte));
+  } else {
+    TORCH_CHECK_VALUE(!zeros_in.has_value(), "zeros given without scales");
+    q.scales = at::empty(sshape, weight.options().dtype(scale_dtype));
+    q.zeros = at::empty(symmetric ? std::vector<int64_t>{0} : sshape, weight.options().dtype(at::kByte));
+  }
+  q.codes = at::empty({q.p.N, q.p.K}, weight.options().dtype(at::kByte));
+  return q;
+}
+
+inline void check_scale_overflow(bool overflow, at::ScalarType scale_dtype) {
+  TORCH_CHECK_VALUE(!overflow, "a group's scale overflows scale_dtype=", scale_dtype,
+                    " (the weight range is too large for it); use float32 or bfloat16 scales");
+}
+
+// pack's input: uint8 codes [N, K], K a positive multiple of 32, every code < 2^bits.
+inline void check_pack_codes(const at::Tensor& codes, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K], got ", codes.dim(), "-D");
+  TORCH_CHECK_VALUE(codes.size(1) % 32 == 0 && codes.size(1) > 0,
+                    "codes: K must be a positive multiple of 32, got K=", codes.size(1));
+  check_contiguous(codes, "codes");
+  if (codes.numel() > 0)
+    TORCH_CHECK_VALUE(codes.max().item<int64_t>() < (1 << bits), "codes must be < 2^bits = ", 1 << bits,
+                      " for bits=", bits, ", got a code ", codes.max().item<int64_t>());
+}
+
+// Output shape of a GEMM: the activation's shape with the last dimension replaced.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
+  auto shape = x.sizes().vec();
+  shape.back() = last;
+  return shape;
+}
+
 }  // namespace layerpress

@@ -8,6 +8,8 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import ops
 from .spec import QuantSpec, Layout
 from .nn import QuantLinear, quantize_linear
+from .norms import FusedLayerNorm, FusedRMSNorm  # noqa: F401  (also registers the norm ops' fakes/autograd)
+from .wtacrs import WTACRSLinear, LoRALinear, apply_wtacrs, apply_lora  # noqa: F401  (also registers the WTA-CRS ops' fakes)
 
 __version__ = _C.build_info()["version"]
 

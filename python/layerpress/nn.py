@@ -180,3 +180,7 @@ class QuantLinear(nn.Module):
 def quantize_linear(linear: nn.Linear, spec: QuantSpec = QuantSpec()) -> QuantLinear:
     """Shorthand for :meth:`QuantLinear.from_linear`."""
     return QuantLinear.from_linear(linear, spec)
+
+
+from .norms import FusedLayerNorm, FusedRMSNorm  # noqa: E402,F401  (re-exported: layerpress.nn.*)
+from .wtacrs import WTACRSLinear, WTACRSConv1D, LoRALinear  # noqa: E402,F401  (re-exported: layerpress.nn.*)

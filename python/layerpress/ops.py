@@ -96,7 +96,8 @@ def _(x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_featu
 
 @torch.library.register_fake("layerpress::gemm_t")
 def _(grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features):
-    return grad.new_empty((*grad.shape[:-1], qweight.shape[1] * 32))
+    k = qweight.shape[1] * 32 // bits if layout == Layout.CANONICAL else qweight.shape[1] * 32
+    return grad.new_empty((*grad.shape[:-1], k))
 
 
 # ---- autograd: gradient with respect to the input (and bias); the quantised weight is frozen ----

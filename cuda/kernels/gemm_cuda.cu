@@ -1,0 +1,164 @@
+// Low-bit GEMM on the canonical layout: a simple, correct reference kernel for the GPU (a
+// tensor-core kernel with its own layout comes later). The packed weight is decoded in registers
+// (DeviceQuant::weight: extract the code from its row's words, (q - z) * s in fp32); the dense
+// weight is never written to memory. All accumulation is in fp32.
+//
+// Forward, Y[M, N] = X[M, K] · Wᵀ (+ bias): one warp per output column n (= weight row n).
+//   Lane l takes k = l, l+32, l+64, ... (K % 32 == 0, so every lane runs the same number of
+//   steps): it decodes W[n, k] once and multiplies it into up to kTileM activation rows, whose
+//   loads x[m, k] coalesce across the warp. The 32 partial sums of each row are then added by a
+//   butterfly shuffle; lane 0 adds the bias and stores y[m, n]. Blocks hold kWarps warps (kWarps
+//   consecutive n); blockIdx.y strides over tiles of kTileM rows of X.
+//
+// Transposed, Y[M, K] = G[M, N] · W: one block per 32-column slice k0 = 32*blockIdx.x. Lane l owns
+//   column k = k0 + l; warp w walks n = w, w + kWarps, ... decoding W[n, k] and multiplying it into
+//   up to kTileM gradient rows (g[m, n] is one broadcast load per warp). The kWarps partial sums
+//   per output are added in shared memory in a fixed order (deterministic), then stored.
+#include "device_common.cuh"
+#include "layerpress/cuda_kernels.h"
+
+namespace layerpress {
+namespace {
+
+using device::DeviceQuant;
+using device::from_float;
+using device::kWarpSize;
+using device::to_float;
+
+constexpr int kWarps = 4;         // warps per block
+constexpr int kTileM = 8;         // activation rows sharing one decoded weight
+constexpr int kMaxGridY = 65535;  // gridDim.y limit; the row-tile loops cover larger M
+
+struct GemmArgsDevice {  // CudaGemmArgs resolved for the kernels
+  DeviceQuant p;
+  const uint32_t* qweight;
+  const void* scales;
+  const uint8_t* zeros;
+  int64_t M;
+  int64_t ldx;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+    gemm_kernel(GemmArgsDevice a, const T* __restrict__ x, const T* __restrict__ bias,
+                T* __restrict__ y) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  if (n >= a.p.N) return;  // uniform across the warp; this kernel has no block-level barrier
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM; m0 < a.M;
+       m0 += static_cast<int64_t>(gridDim.y) * kTileM) {
+    const int64_t rows = a.M - m0 < kTileM ? a.M - m0 : kTileM;
+    const T* xt = x + m0 * a.ldx;
+    float acc[kTileM];
+#pragma unroll
+    for (int i = 0; i < kTileM; ++i) acc[i] = 0.0f;
+    for (int64_t k = lane; k < a.p.K; k += kWarpSize) {
+      const float w = a.p.weight(a.qweight, a.scales, a.zeros, n, k);
+#pragma unroll
+      for (int i = 0; i < kTileM; ++i)
+        if (i < rows) acc[i] += to_float(xt[i * a.ldx + k]) * w;
+    }
+#pragma unroll
+    for (int i = 0; i < kTileM; ++i) {
+      float v = acc[i];
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && i < rows) {
+        if (bias != nullptr) v += to_float(bias[n]);
+        y[(m0 + i) * a.p.N + n] = from_float<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+    gemm_t_kernel(GemmArgsDevice a, const T* __restrict__ g, T* __restrict__ y) {
+  __shared__ float partial[kWarps][kTileM][kWarpSize];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarpSize + lane;  // < K: grid is K/32
+  // The loop bounds depend on blockIdx only, so every thread reaches every __syncthreads().
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM; m0 < a.M;
+       m0 += static_cast<int64_t>(gridDim.y) * kTileM) {
+    const int64_t rows = a.M - m0 < kTileM ? a.M - m0 : kTileM;
+    const T* gt = g + m0 * a.ldx;
+    float acc[kTileM];
+#pragma unroll
+    for (int i = 0; i < kTileM; ++i) acc[i] = 0.0f;
+    for (int64_t n = warp; n < a.p.N; n += kWarps) {
+      const float w = a.p.weight(a.qweight, a.scales, a.zeros, n, k);
+#pragma unroll
+      for (int i = 0; i < kTileM; ++i)
+        if (i < rows) acc[i] += to_float(gt[i * a.ldx + n]) * w;
+    }
+#pragma unroll
+    for (int i = 0; i < kTileM; ++i) partial[warp][i][lane] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+      for (int i = 0; i < rows; ++i) {
+        float v = partial[0][i][lane];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) v += partial[w][i][lane];
+        y[(m0 + i) * a.p.K + k] = from_float<T>(v);
+      }
+    }
+    __syncthreads();  // `partial` is reused by the next row tile
+  }
+}
+
+GemmArgsDevice device_args(const CudaGemmArgs& a) {
+  GemmArgsDevice d;
+  d.p = DeviceQuant::from(a.p);
+  d.qweight = reinterpret_cast<const uint32_t*>(a.qweight);
+  d.scales = a.scales;
+  d.zeros = a.zeros;
+  d.M = a.M;
+  d.ldx = a.ldx;
+  return d;
+}
+
+unsigned row_tiles(int64_t M) {
+  const int64_t tiles = (M + kTileM - 1) / kTileM;
+  return static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY);
+}
+
+template <typename T>
+void launch_gemm(const CudaGemmArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((a.p.N + kWarps - 1) / kWarps), row_tiles(a.M));
+  gemm_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
+      device_args(a), static_cast<const T*>(a.x), static_cast<const T*>(a.bias),
+      static_cast<T*>(a.y));
+}
+
+template <typename T>
+void launch_gemm_t(const CudaGemmArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.p.K / kWarpSize), row_tiles(a.M));
+  gemm_t_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
+      device_args(a), static_cast<const T*>(a.x), static_cast<T*>(a.y));
+}
+
+}  // namespace
+
+cudaError_t gemm_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream) {
+  if (a.M <= 0 || a.p.N <= 0 || a.p.K <= 0) return cudaSuccess;
+  switch (a.act_type) {
+    case FloatType::kF32: launch_gemm<float>(a, stream); break;
+    case FloatType::kBF16: launch_gemm<__nv_bfloat16>(a, stream); break;
+    case FloatType::kF16: launch_gemm<__half>(a, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t gemm_t_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream) {
+  if (a.M <= 0 || a.p.N <= 0 || a.p.K <= 0) return cudaSuccess;
+  switch (a.act_type) {
+    case FloatType::kF32: launch_gemm_t<float>(a, stream); break;
+    case FloatType::kBF16: launch_gemm_t<__nv_bfloat16>(a, stream); break;
+    case FloatType::kF16: launch_gemm_t<__half>(a, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace layerpress
