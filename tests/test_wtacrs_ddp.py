@@ -56,6 +56,12 @@ def _train(model, rank, steps=12):
         t = loss.detach().clone()
         dist.all_reduce(t)
         losses.append(t.item() / 2)
+    # after training, the (full) parameters must be identical on both ranks
+    for p in model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        ps = [torch.empty_like(full) for _ in range(2)]
+        dist.all_gather(ps, full.detach().contiguous())
+        synced &= torch.equal(ps[0], ps[1])
     return losses, synced
 
 
@@ -80,10 +86,11 @@ def _worker(rank, port, out_dir):
             res["fsdp2"] = {"losses": losses, "synced": synced}
         except Exception as e:  # noqa: BLE001  (reported, not hidden: the test skips with it)
             res["fsdp2"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+        dist.barrier()  # nobody tears gloo down while the other rank still talks to it
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +102,7 @@ def results(tmp_path_factory):
 
 def test_ddp_gradients_synchronised_and_loss_decreases(results):
     for r in results:
-        assert r["ddp"]["synced"], "DDP left different gradients on the two ranks"
+        assert r["ddp"]["synced"], "DDP left different gradients or parameters on the two ranks"
     losses = results[0]["ddp"]["losses"]
     assert losses == results[1]["ddp"]["losses"]
     assert losses[-1] < 0.7 * losses[0], losses

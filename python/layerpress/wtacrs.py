@@ -86,6 +86,8 @@ def wtacrs_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     elif bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     tokens = x.numel() // x.shape[-1]
+    if tokens == 0:  # an empty batch: nothing to sample (gradients are zero)
+        return F.linear(x, weight, bias)
     k = _k_for(tokens, frac.numerator, frac.denominator, int(min_k))
     seed = _draw_seed(generator)
     with torch.autocast(dev, enabled=False):
@@ -259,6 +261,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _targets(model, targets):
     if targets is None:
+        peft_config = getattr(model, "peft_config", None)
+        if isinstance(peft_config, dict) and peft_config:  # a peft model: its LoRA down-projections
+            return tuple(f"lora_A.{name}" for name in peft_config)
         return _default_targets(model)
     if isinstance(targets, str):
         return (targets,)
@@ -270,7 +275,8 @@ def apply_wtacrs(model: nn.Module, ratio: float = 0.3, targets: Optional[Sequenc
     """Swaps the target linears of ``model`` (in place) for WTA-CRS ones sharing their
     parameters; returns the names swapped. ``targets``: module-name suffixes (default: the
     attention output and FFN projections of Llama/Mistral/Qwen2, OPT, GPT-2 or BERT, chosen by
-    ``model.config.model_type``). GPT-2's ``Conv1D`` (weight ``[in, out]``) is handled."""
+    ``model.config.model_type``; for a ``peft`` LoRA model, the down-projections ``lora_A.<adapter>``
+    of its adapters). GPT-2's ``Conv1D`` (weight ``[in, out]``) is handled."""
     check_ratio(ratio)
     tg = _targets(model, targets)
     swapped = []

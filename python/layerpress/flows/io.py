@@ -1,0 +1,206 @@
+"""Save and load quantised models: safetensors + JSON, never pickle.
+
+A saved directory holds
+
+* ``model.safetensors`` -- the model's ``state_dict`` (``QuantLinear`` layers in the canonical
+  layout of docs/format.md; tensors sharing storage, e.g. tied embeddings, stored once);
+* ``config.json`` -- the model's Hugging Face config plus ``quantization_config``:
+  ``{"quant_method": "layerpress", "format_version": 1, "model_class": ..., "layers": {name:
+  {"in_features", "out_features", "bias", "conv1d", "spec": QuantSpec.to_dict()}},
+  "aliases": {dropped key: stored key}}``.
+
+Writing is atomic: everything goes to a temporary directory beside the target, which is then
+renamed into place. :func:`load_quantized` rebuilds the original model class from the saved
+config (or takes a model you built, e.g. from the original checkpoint directory), swaps the
+listed linears for ``QuantLinear`` with their specs and loads the tensors strictly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..nn import QuantLinear
+from ..spec import QuantSpec
+from .models import get_submodule, is_conv1d
+
+__all__ = ["save_quantized", "load_quantized", "quantization_config", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` entry describing every ``QuantLinear`` of ``model``."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features,
+                            "bias": m.bias is not None, "conv1d": bool(getattr(m, "_lp_conv1d", False)),
+                            "spec": m.spec.to_dict()}
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers: quantise it first")
+    return {"quant_method": "layerpress", "format_version": FORMAT_VERSION,
+            "model_class": type(model).__name__, "layers": layers}
+
+
+def _dedupe(sd: dict):
+    """Contiguous copies with storage shared between keys stored once: (tensors, aliases)."""
+    seen, out, aliases = {}, {}, {}
+    for k, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        out[k] = t.detach().to("cpu").contiguous()
+    return out, aliases
+
+
+def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = False,
+                   extra: Optional[dict] = None) -> Path:
+    """Writes ``model`` (with its ``QuantLinear`` layers) to the directory ``path`` atomically.
+    ``extra`` (JSON-serialisable, e.g. a report) is stored under ``quantization_config.extra``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    qcfg = quantization_config(model)
+    tensors, aliases = _dedupe(model.state_dict())
+    qcfg["aliases"] = aliases
+    if extra is not None:
+        qcfg["extra"] = extra
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg["quantization_config"] = qcfg
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)})
+        with open(tmp / CONFIG, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved layerpress model at {path} (not a directory)")
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: not a saved layerpress model")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "layerpress":
+        raise ValueError(f"{cfg_path}: no layerpress quantization_config")
+    if q.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: format_version {q.get('format_version')!r} is not supported "
+                         f"(this layerpress reads {FORMAT_VERSION})")
+    if not isinstance(q.get("layers"), dict) or not q["layers"]:
+        raise ValueError(f"{cfg_path}: quantization_config.layers is missing or empty")
+    return cfg
+
+
+def _build_model(cfg: dict) -> nn.Module:
+    import transformers
+
+    q = cfg["quantization_config"]
+    cls_name = q.get("model_class")
+    cls = getattr(transformers, str(cls_name), None)
+    if cls is None:
+        raise ValueError(f"unknown model class {cls_name!r}: pass model= (built from the original "
+                         "checkpoint) to load_quantized")
+    hf = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    config = transformers.AutoConfig.for_model(**hf)
+    return cls(config)
+
+
+def _swap_in(model: nn.Module, layers: dict) -> None:
+    for name, info in layers.items():
+        try:
+            spec = QuantSpec.from_dict(info["spec"])
+            k, n, bias = int(info["in_features"]), int(info["out_features"]), bool(info["bias"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"quantization_config.layers[{name!r}] is invalid: {e}") from None
+        try:
+            old = get_submodule(model, name)
+        except AttributeError:
+            raise ValueError(f"quantization_config names layer {name!r}, which the model does not "
+                             "have") from None
+        if isinstance(old, QuantLinear):
+            if old.spec != spec or (old.in_features, old.out_features) != (k, n):
+                raise ValueError(f"{name}: already a QuantLinear with a different spec/shape")
+            continue
+        if not (isinstance(old, nn.Linear) or is_conv1d(old)):
+            raise ValueError(f"{name}: expected a linear, found {type(old).__name__}")
+        w = old.weight
+        ok_, on_ = (w.shape[1], w.shape[0]) if isinstance(old, nn.Linear) else (w.shape[0], w.shape[1])
+        if (ok_, on_) != (k, n):
+            raise ValueError(f"{name}: config says [{n}, {k}] but the model's layer is [{on_}, {ok_}]")
+        new = QuantLinear(k, n, spec, bias=bias, device=w.device, dtype=w.dtype)
+        new._lp_conv1d = is_conv1d(old)
+        parent, _, child = name.rpartition(".")
+        setattr(get_submodule(model, parent), child, new)
+
+
+def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
+    """Loads a directory written by :func:`save_quantized`. Without ``model``, rebuilds the
+    original model class from the saved config; with ``model`` (the original architecture,
+    e.g. ``AutoModel.from_pretrained(original_dir)``), fills that one in place. Returns the model
+    in eval mode. Raises FileNotFoundError / ValueError with the reason on bad input."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = _read_config(path)
+    q = cfg["quantization_config"]
+    wpath = path / WEIGHTS
+    if not wpath.is_file():
+        raise FileNotFoundError(f"{wpath} is missing")
+    try:
+        sd = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{wpath}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+    if model is None:
+        model = _build_model(cfg)
+    elif q.get("model_class") and type(model).__name__ != q["model_class"]:
+        raise ValueError(f"saved from a {q['model_class']}, got a {type(model).__name__}")
+    _swap_in(model, q["layers"])
+    for dropped, kept in (q.get("aliases") or {}).items():
+        if kept not in sd:
+            raise ValueError(f"{wpath}: alias {dropped!r} -> {kept!r}, but {kept!r} is not stored")
+        sd[dropped] = sd[kept]
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the tensors do not match the config: {e}") from None
+    expected_missing = set()
+    if result.missing_keys or result.unexpected_keys:
+        missing = [k for k in result.missing_keys if k not in expected_missing]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path}: the tensors do not match the config: missing "
+                             f"{missing[:8]}{' …' if len(missing) > 8 else ''}, unexpected "
+                             f"{result.unexpected_keys[:8]}{' …' if len(result.unexpected_keys) > 8 else ''}")
+    model.eval()
+    return model

@@ -1,0 +1,305 @@
+"""Quantise a whole model layer by layer and swap its linears for ``QuantLinear``.
+
+``quantize_model(model, bits=4, group_size=128, axis="auto", method="gptq", importance="lim",
+calib=...)``:
+
+1. calibration token ids (built-in English sentences by default, tokenised with ``tokenizer``);
+2. for a fractional ``bits`` (e.g. 3.25): block importance (LIM on calibration data, or ZD from
+   the weights) and the allocation of the high/low widths (:mod:`.allocate`);
+3. block by block (only the current block on ``device``): run the full-precision block on its
+   inputs, collecting each linear's input Hessian and the inputs/outputs of the AdaDim
+   measurement modules; per linear quantise (RTN or GPTQ) -- for ``axis="auto"`` with both axes,
+   keeping the one whose fake-quantised weight gives the lower output MSE at the adapter's
+   measurement point, measured with the quantiser that is actually applied; swap the block's
+   linears (``nn.Linear`` and GPT-2 ``Conv1D``) for ``QuantLinear``; run the quantised block to
+   get the next block's inputs.
+
+Returns a :class:`QuantReport` (per-layer bits, axis, error; allocation; timings).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..nn import QuantLinear
+from ..spec import QuantSpec
+from .allocate import allocate_bits
+from .calibration import (capture_block_inputs, default_texts, load_texts, run_block, to_device,
+                          tokenize_texts)
+from .importance import importance_order, lim_scores, zd_scores
+from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
+from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
+
+__all__ = ["quantize_model", "QuantReport", "LayerReport", "calibration_ids"]
+
+METHODS = ("rtn", "gptq")
+AXIS_CHOICES = ("oc", "ic", "auto")
+
+
+@dataclass
+class LayerReport:
+    name: str                 # full module name in the model
+    block: int
+    bits: int
+    axis: str
+    group_size: int
+    method: str
+    in_features: int
+    out_features: int
+    rel_error: float          # ||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ|| on the calibration inputs
+    axis_mse: Dict[str, float] = field(default_factory=dict)  # AdaDim: MSE at the measurement point
+    measure_point: str = ""
+
+
+@dataclass
+class QuantReport:
+    model_type: str
+    method: str
+    bits_target: float
+    group_size: int
+    axis: str
+    importance: Optional[str]
+    block_bits: List[int]
+    block_scores: Optional[List[float]]
+    demoted: List[int]
+    average_bits: float       # parameter-weighted average code bits of the quantised linears
+    layers: List[LayerReport]
+    n_samples: int
+    seq_len: int
+    time_s: float
+    quantized_params: int
+    original_bytes: int = 0   # bytes of the replaced float weights
+    quantized_bytes: int = 0  # bytes of qweight + scales + zeros
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        axes = {}
+        for layer in self.layers:
+            axes[layer.axis] = axes.get(layer.axis, 0) + 1
+        return (f"{self.model_type}: {len(self.layers)} linears, {self.method}, "
+                f"avg {self.average_bits:.3f} bits (target {self.bits_target}), g{self.group_size}, "
+                f"axes {axes}, {self.time_s:.1f} s")
+
+
+def calibration_ids(calib=None, tokenizer=None, n_samples: int = 32, seq_len: int = 64,
+                    seed: int = 0) -> torch.Tensor:
+    """Calibration token ids from: a ``LongTensor [n, seq_len]`` (used as is), a list of
+    strings, a path or list of paths to text files, or None (the built-in English sentences)."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"calibration ids must be an integer tensor [n, seq_len], got "
+                             f"{calib.dtype} {list(calib.shape)}")
+        return calib.long()
+    if calib is None:
+        texts = default_texts("calibration")
+    elif isinstance(calib, (str, Path)):
+        texts = load_texts(calib)
+    elif isinstance(calib, (list, tuple)) and all(isinstance(t, Path) for t in calib):
+        texts = load_texts(calib)
+    elif isinstance(calib, (list, tuple)) and all(isinstance(t, str) for t in calib):
+        texts = list(calib)
+    else:
+        raise TypeError(f"calib must be token ids, texts, text file path(s) or None, got {type(calib).__name__}")
+    if tokenizer is None:
+        raise ValueError("calibration from text needs a tokenizer (or pass token ids as calib)")
+    return tokenize_texts(tokenizer, texts, n_samples, seq_len, seed)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(get_submodule(root, parent), child, new)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _candidate_specs(axis: str, bits: int, group_size: int, symmetric: bool, scale_dtype,
+                     n: int, k: int) -> List[QuantSpec]:
+    axes = ["oc", "ic"] if axis == "auto" else [axis]
+    specs = []
+    errors = []
+    for a in axes:
+        spec = QuantSpec(bits=bits, group_size=group_size, axis=a, symmetric=symmetric,
+                         scale_dtype=scale_dtype)
+        try:
+            spec.check_shape(n, k)
+            specs.append(spec)
+        except ValueError as e:
+            errors.append(str(e))
+    if not specs:
+        raise ValueError(f"no usable quantisation spec for a [{n}, {k}] weight: {'; '.join(errors)}")
+    return specs
+
+
+def _quantise(w, spec, method, H, act_order) -> QuantResult:
+    if method == "rtn":
+        return rtn(w, spec)
+    return gptq(w, H, spec, act_order=act_order)
+
+
+def _quad(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Σ_i d_i H d_iᵀ = ||X Dᵀ||² for H = XᵀX (rows d_i of D)."""
+    return ((D @ H) * D).sum()
+
+
+def _bytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: int = 128,
+                   axis: str = "auto", method: str = "gptq", importance: str = "lim",
+                   calib=None, tokenizer=None, n_samples: int = 32, seq_len: int = 64,
+                   batch_size: int = 8, device=None, symmetric: bool = False,
+                   scale_dtype: torch.dtype = torch.float16, act_order: bool = True,
+                   high_bits: Optional[int] = None, low_bits: Optional[int] = None,
+                   seed: int = 0, adapter: Optional[ModelAdapter] = None,
+                   verbose: bool = False, threads: Optional[int] = None) -> QuantReport:
+    """Quantises ``model`` in place (see the module docstring); returns the report.
+    ``threads``: torch intra-op threads for the run (restored afterwards)."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
+                               n_samples, seq_len, batch_size, device, symmetric, scale_dtype,
+                               act_order, high_bits, low_bits, seed, adapter, verbose)
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.no_grad()
+def _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
+                    n_samples, seq_len, batch_size, device, symmetric, scale_dtype, act_order,
+                    high_bits, low_bits, seed, adapter, verbose) -> QuantReport:
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if axis not in AXIS_CHOICES:
+        raise ValueError(f"axis must be one of {AXIS_CHOICES}, got {axis!r}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
+        raise ValueError(f"bits must be a positive number, got {bits!r}")
+    adapter = adapter or adapter_for(model)
+    blocks = adapter.blocks()
+    ids = calibration_ids(calib, tokenizer, n_samples, seq_len, seed)
+    was_training = model.training
+    model.eval()
+
+    # ---- bit allocation ---------------------------------------------------------------------
+    linears0 = [adapter.linears(b) for b in blocks]
+    params = [sum(weight_oi(m).numel() for m in lins.values()) for lins in linears0]
+    scores, imp = None, None
+    if float(bits).is_integer() and high_bits is None and low_bits is None:
+        block_bits = [int(bits)] * len(blocks)
+        QuantSpec(bits=int(bits))  # validates the width
+        demoted, average = [], float(bits)
+    else:
+        imp = importance
+        if importance == "lim":
+            scores = lim_scores(model, ids, adapter, batch_size, device)
+        elif importance == "zd":
+            scores = zd_scores(model, adapter)
+        else:
+            raise ValueError(f"importance must be 'lim' or 'zd', got {importance!r}")
+        alloc = allocate_bits(params, importance_order(scores, importance), float(bits),
+                              high_bits, low_bits)
+        block_bits, demoted, average = alloc.bits, alloc.demoted, alloc.average
+
+    # ---- block by block -----------------------------------------------------------------------
+    inputs = capture_block_inputs(model, ids, adapter, batch_size, device)
+    layers: List[LayerReport] = []
+    orig_bytes = quant_bytes = 0
+    for bi, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        dev = torch.device(device) if device is not None else home
+        block.to(dev)
+        lins = adapter.linears(block)
+        hess = {name: HessianAccumulator(weight_oi(m).shape[1], dev) for name, m in lins.items()}
+        points = sorted({adapter.measure_point(n) for n in lins} - set(lins)) if axis == "auto" else []
+        cap = {p: {"args": [], "kwargs": [], "out": []} for p in points}
+        handles = []
+        for name, m in lins.items():
+            handles.append(m.register_forward_hook(
+                lambda mod, a, out, _n=name: hess[_n].add(a[0])))
+        for p in points:
+            mod = get_submodule(block, p)
+            handles.append(mod.register_forward_pre_hook(
+                lambda mod, a, kw, _p=p: (cap[_p]["args"].append(a), cap[_p]["kwargs"].append(kw), None)[-1],
+                with_kwargs=True))
+            handles.append(mod.register_forward_hook(
+                lambda mod, a, out, _p=p: cap[_p]["out"].append(_first(out).detach())))
+        try:
+            run_block(block, inputs, dev)
+        finally:
+            for h in handles:
+                h.remove()
+
+        chosen = {}
+        for name, m in lins.items():
+            W = weight_oi(m).detach().float().clone()
+            n, k = W.shape
+            Hraw = hess[name].H.float()  # Σ xxᵀ
+            H = hess[name].hessian()
+            specs = _candidate_specs(axis, block_bits[bi], group_size, symmetric, scale_dtype, n, k)
+            results = {s.axis: _quantise(W, s, method, H, act_order) for s in specs}
+            point = adapter.measure_point(name)
+            mse = {}
+            if len(results) > 1:
+                for a, res in results.items():
+                    D = W - res.weight
+                    if point == name:
+                        mse[a] = (_quad(D, Hraw) / (hess[name].n * n)).item()
+                        continue
+                    mod = get_submodule(block, point)
+                    view = weight_oi(m)
+                    keep = view.clone()
+                    view.copy_(res.weight.to(view.dtype))
+                    try:
+                        err, cnt = 0.0, 0
+                        for a_, kw_, ref in zip(cap[point]["args"], cap[point]["kwargs"], cap[point]["out"]):
+                            y = _first(mod(*a_, **kw_))
+                            err += (y.float() - ref.float()).pow(2).sum().item()
+                            cnt += ref.numel()
+                        mse[a] = err / cnt
+                    finally:
+                        view.copy_(keep)
+                best = min(mse, key=lambda a: (mse[a], a != "oc"))
+            else:
+                best = next(iter(results))
+            res = results[best]
+            num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
+            den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
+            rel = (num / den).item()
+            full = f"{adapter.block_name(bi)}.{name}"
+            layers.append(LayerReport(full, bi, res.spec.bits, best, group_size, method, k, n, rel,
+                                      mse, point))
+            chosen[name] = res
+            if verbose:
+                print(f"  {full}: W{res.spec.bits} {best} rel.err {rel:.4f} {mse if mse else ''}")
+        for name, res in chosen.items():
+            m = lins[name]
+            bias = None if getattr(m, "bias", None) is None else m.bias.detach()
+            q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias)
+            q._lp_conv1d = is_conv1d(m)  # recorded in the saved config
+            orig_bytes += _bytes(m.weight)
+            quant_bytes += _bytes(res.qweight) + _bytes(res.scales) + _bytes(res.zeros)
+            _set_module(block, name, q)
+        del hess, cap
+        inputs.hidden = run_block(block, inputs, dev)
+        block.to(home)
+    model.train(was_training)
+    return QuantReport(
+        model_type=adapter.config.model_type, method=method, bits_target=float(bits),
+        group_size=group_size, axis=axis, importance=imp, block_bits=block_bits,
+        block_scores=scores, demoted=demoted, average_bits=average, layers=layers,
+        n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
+        time_s=time.perf_counter() - started, quantized_params=int(sum(params)),
+        original_bytes=orig_bytes, quantized_bytes=quant_bytes)

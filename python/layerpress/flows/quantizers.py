@@ -1,0 +1,223 @@
+"""Weight quantisers for the compression flows: round-to-nearest (RTN) and GPTQ, both producing
+the canonical format of docs/format.md (codes, scales, zeros) that ``QuantLinear.from_quantized``
+takes, for both group axes (per-OC and AdaDim's per-IC).
+
+GPTQ (Frantar et al.): ``H = 2XXᵀ/n + λI`` with ``λ = 0.01·mean(diag H)``; the upper Cholesky
+factor of ``H⁻¹``; columns quantised one by one, the error of each compensated on the columns not
+yet quantised, in lazy blocks of 128 columns. Act-order (columns by decreasing ``diag H``) with
+*static* groups for per-OC (each group's scale/zero from the original weight, so no ``g_idx``);
+per-IC quantises each column as a vector in groups of ``g`` output channels with scales taken
+from the (compensated) column itself, which fits GPTQ's column order with no ``g_idx`` either.
+The final codes are produced by ``ops.quantize`` with the chosen scales, so they are exactly
+the format's ``clamp(round(w/s) + z)`` of the GPTQ solution.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..spec import QuantSpec
+
+__all__ = ["QuantResult", "rtn", "gptq", "minmax_params", "HessianAccumulator"]
+
+
+@dataclass
+class QuantResult:
+    """A quantised weight: canonical ``qweight`` (int32 packed), ``scales``, ``zeros`` (None if
+    symmetric), the unpacked ``codes`` and the dequantised weight ``[N, K]`` (fp32)."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    codes: torch.Tensor
+    weight: torch.Tensor
+    spec: QuantSpec
+
+
+def _finish(w_or_q: torch.Tensor, spec: QuantSpec, scales, zeros) -> QuantResult:
+    codes, s, z = ops.quantize(w_or_q.contiguous(), spec, scales=scales, zeros=zeros)
+    q = ops.pack(codes, spec.bits)
+    deq = ops.dequantize(q, s, z, spec, torch.float32)
+    return QuantResult(q, s, z, codes, deq, spec)
+
+
+def rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Round-to-nearest with min-max scales (``ops.quantize``). ``w`` is ``[N, K]``."""
+    w = w.detach().float().contiguous()
+    spec.check_shape(*w.shape)
+    return _finish(w, spec, None, None)
+
+
+def minmax_params(v: torch.Tensor, spec: QuantSpec):
+    """Min-max scale and zero point of each row of ``v [..., g]`` as the format defines them
+    (the range always includes 0; scales rounded to ``spec.scale_dtype``; a zero scale becomes 1).
+    Returns ``(scales, zeros)`` in the canonical dtypes (zeros None if symmetric)."""
+    qmax = 2 ** spec.bits - 1
+    if spec.symmetric:
+        s = v.abs().amax(-1) / (2 ** (spec.bits - 1) - 1)
+        lo = None
+    else:
+        lo = v.amin(-1).clamp(max=0)
+        hi = v.amax(-1).clamp(min=0)
+        s = (hi - lo) / qmax
+    s = s.to(spec.scale_dtype)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    if spec.symmetric:
+        return s, None
+    z = torch.round(-lo / s.float()).clamp(0, qmax).to(torch.uint8)
+    return s, z
+
+
+def _fake(v: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], spec: QuantSpec):
+    """``(clamp(round(v/s) + z) - z)·s`` in fp32, with ``s``/``z`` broadcastable to ``v``."""
+    qmax = 2 ** spec.bits - 1
+    sf = s.float()
+    zf = torch.full_like(sf, 2 ** (spec.bits - 1)) if z is None else z.float()
+    q = (torch.round(v / sf) + zf).clamp(0, qmax)
+    return (q - zf) * sf
+
+
+def _fake_f(v, sf, zf, qmax):
+    return ((torch.round(v / sf) + zf).clamp(0, qmax) - zf) * sf
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """The column loop is thousands of tiny ops: on a small shared machine every multi-threaded
+    region can stall for a scheduler slice, so it runs on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n · Σ xxᵀ`` over the rows of the inputs of one linear (``H`` holds ``Σ xxᵀ``)."""
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        self.H += (x.t() @ x).double()  # fp32 product per batch, fp64 running sum
+        self.n += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("no calibration inputs were seen for this layer")
+        return (2.0 / self.n) * self.H
+
+
+@torch.no_grad()
+def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
+         percdamp: float = 0.01, act_order: bool = True) -> QuantResult:
+    """GPTQ of ``w [N, K]`` given the Hessian ``H [K, K]`` of its inputs (see the module doc).
+
+    Per-OC with act-order uses static groups (each group's scale and zero from the original
+    weight); per-OC without act-order takes each group's scale and zero when its first column is
+    reached (from the compensated weight). Per-IC takes each column's group scales from the
+    compensated column. Computation in fp32 (the Cholesky factorisation in fp64), on one
+    intra-op thread when on CPU (the column loop is thousands of tiny ops)."""
+    if w.device.type == "cpu":
+        with _single_thread():
+            return _gptq(w, H, spec, blocksize, percdamp, act_order)
+    return _gptq(w, H, spec, blocksize, percdamp, act_order)
+
+
+def _gptq(w, H, spec, blocksize, percdamp, act_order):
+    N, K = w.shape
+    spec.check_shape(N, K)
+    if tuple(H.shape) != (K, K):
+        raise ValueError(f"gptq: Hessian must be [{K}, {K}], got {list(H.shape)}")
+    dev = w.device
+    W = w.detach().float().clone()
+    H = H.detach().to(dev, torch.float64).clone()
+    g = spec.group_for(N, K)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = None
+    if spec.axis == "oc" and act_order:
+        static = minmax_params(W.reshape(N, K // g, g), spec)  # [N, K/g] each
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(K, dtype=H.dtype, device=dev)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
+
+    Q = torch.zeros_like(W)
+    if spec.axis == "oc":
+        shape = spec.scale_shape(N, K)
+        S = torch.empty(shape, dtype=spec.scale_dtype, device=dev)
+        Z = None if spec.symmetric else torch.empty(shape, dtype=torch.uint8, device=dev)
+        if static is not None:
+            S, Z = static
+    else:  # per-IC: [K, N/g], filled column by column (original column index)
+        S = torch.empty((K, N // g), dtype=spec.scale_dtype, device=dev)
+        Z = None if spec.symmetric else torch.empty((K, N // g), dtype=torch.uint8, device=dev)
+
+    qmax = 2 ** spec.bits - 1
+    if static is not None:  # per-column float scale/zero in the (permuted) column order
+        cols = (perm if perm is not None else torch.arange(K, device=dev)) // g
+        static_sf = S.float()[:, cols].contiguous()
+        static_zf = (torch.full_like(static_sf, 2 ** (spec.bits - 1)) if Z is None
+                     else Z.float()[:, cols].contiguous())
+    perm_list = perm.tolist() if perm is not None else None
+    cur_s = cur_z = None
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            wcol = W1[:, i]
+            d = Hinv1[i, i]
+            orig = perm_list[col] if perm_list is not None else col
+            if spec.axis == "oc":
+                if static is not None:
+                    qcol = _fake_f(wcol, static_sf[:, col], static_zf[:, col], qmax)
+                else:
+                    if col % g == 0:  # a new group: params from the compensated weight
+                        rest = W[:, i2:col + g] if col + g > i2 else W[:, :0]
+                        grp = torch.cat([W1[:, i:i + g], rest], dim=1)[:, :g]
+                        cur_s, cur_z = minmax_params(grp, spec)
+                        S[:, col // g] = cur_s
+                        if Z is not None:
+                            Z[:, col // g] = cur_z
+                    qcol = _fake(wcol, cur_s, cur_z, spec)
+            else:
+                v = wcol.reshape(N // g, g)
+                s, z = minmax_params(v, spec)
+                S[orig] = s
+                if Z is not None:
+                    Z[orig] = z
+                qcol = _fake(v, s[:, None], None if z is None else z[:, None], spec).reshape(N)
+            Q1[:, i] = qcol
+            err = (wcol - qcol) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+    res = _finish(Q, spec, S, Z)
+    return res
