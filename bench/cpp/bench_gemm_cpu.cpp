@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
       for (int64_t M : Ms) {
         std::vector<float> x(static_cast<size_t>(M * K)), y(static_cast<size_t>(M * N));
         for (auto& v : x) v = normal(rng);
-        CpuGemmArgs a;
+        GemmArgs a;
         a.p = p; a.qweight = qn.data(); a.scales = sn.data(); a.zeros = zn.data();
         a.M = M; a.act_type = FloatType::kF32; a.x = x.data(); a.ldx = K; a.y = y.data();
         std::vector<double> ms;

@@ -66,6 +66,14 @@ bool cpu_gemm_select(const std::string& name) {
   return false;
 }
 
+int64_t lut_max_m_override() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("LAYERPRESS_LUT_MAX_M");
+    return e ? std::atoll(e) : int64_t{-1};
+  }();
+  return v;
+}
+
 std::vector<std::string> cpu_features() {
   __builtin_cpu_init();
   std::vector<std::string> f;

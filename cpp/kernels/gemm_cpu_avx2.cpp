@@ -111,7 +111,7 @@ float scale_activations(const float* x, const void* s, int64_t s0, FloatType st,
 
 // One half tile (8 rows, lanes h*8..h*8+7 of tile t) over all of K; see lut_tiles.
 template <int BITS>
-__m256 lut_half_tile(const CpuGemmArgs& a, const float* tables, const float* group_xsum, int64_t t,
+__m256 lut_half_tile(const GemmArgs& a, const float* tables, const float* group_xsum, int64_t t,
                      int h, const uint32_t* last_vector, const uint32_t* last_copy) {
   const QuantParams& p = a.p;
   const int64_t KB = p.K / 32, G = p.groups_per_line();
@@ -160,7 +160,7 @@ __m256 lut_half_tile(const CpuGemmArgs& a, const float* tables, const float* gro
 
 // Same contract as the AVX-512 lut_tiles: R row tiles starting at t0 for one activation row.
 template <int BITS, int R>
-void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsum, int64_t t0, float* out) {
+void lut_tiles(const GemmArgs& a, const float* tables, const float* group_xsum, int64_t t0, float* out) {
   const QuantParams& p = a.p;
   const uint32_t* qw = reinterpret_cast<const uint32_t*>(a.qweight);
   const uint32_t* last_vector = qw + (p.row_tiles() * (p.K / 32) * BITS - 1) * kTileRows;
@@ -179,19 +179,16 @@ void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsu
 // than with AVX-512: measured single-threaded on Zen 4 (AVX2 variant forced), K = N = 4096, W4
 // lookup 21.8 ms vs tile 30.8 ms at M = 16, W2 16.3 vs 20.1 ms.
 int64_t lut_max_m(int bits) {
-  static const int64_t forced = [] {
-    const char* e = std::getenv("LAYERPRESS_LUT_MAX_M");
-    return e ? std::atoll(e) : int64_t{-1};
-  }();
+  const int64_t forced = lut_max_m_override();
   return forced >= 0 ? forced : 64 / bits;
 }
 
 }  // namespace
 
-void gemm_avx2(const CpuGemmArgs& a, const ParallelFor& pf) {
+void gemm_avx2(const GemmArgs& a, const ParallelFor& pf) {
   if (a.M <= lut_max_m(a.p.bits)) gemm_lut_path(a, pf);
   else gemm_tile_path(a, pf);
 }
-void gemm_t_avx2(const CpuGemmArgs& a, const ParallelFor& pf) { gemm_t_tile_path(a, pf); }
+void gemm_t_avx2(const GemmArgs& a, const ParallelFor& pf) { gemm_t_tile_path(a, pf); }
 
 }  // namespace layerpress

@@ -25,10 +25,7 @@ constexpr int64_t kMR = 6;
 // (K = N = 4096): about 24 rows at 2 bits, 12 at 4 bits, so 48 / bits. The environment variable
 // LAYERPRESS_LUT_MAX_M overrides it (tests use it to run both paths at every M).
 int64_t lut_max_m(int bits) {
-  static const int64_t forced = [] {
-    const char* e = std::getenv("LAYERPRESS_LUT_MAX_M");
-    return e ? std::atoll(e) : int64_t{-1};
-  }();
+  const int64_t forced = lut_max_m_override();
   return forced >= 0 ? forced : 48 / bits;
 }
 
@@ -90,7 +87,7 @@ inline __m512 load16_zeros(const uint8_t* z) {
 // AVX-512 versions of the tile path's panel dequantisation (contract in gemm_cpu_tile.inc).
 // Codes are assembled from the bit planes with mask registers: bit i of the 16 plane-p words is
 // a 16-lane mask, OR-ed into the code as 1 << p.
-void dequant_panel_fwd_avx512(const CpuGemmArgs& a, int64_t n0, int64_t k0, int64_t k1, float* P) {
+void dequant_panel_fwd_avx512(const GemmArgs& a, int64_t n0, int64_t k0, int64_t k1, float* P) {
   const QuantParams& p = a.p;
   const int64_t KB = p.K / 32, G = p.groups_per_line();
   const int32_t* qw = a.qweight;
@@ -128,7 +125,7 @@ void dequant_panel_fwd_avx512(const CpuGemmArgs& a, int64_t n0, int64_t k0, int6
   }
 }
 
-void dequant_panel_t_avx512(const CpuGemmArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_t cols, float* P) {
+void dequant_panel_t_avx512(const GemmArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_t cols, float* P) {
   const QuantParams& p = a.p;
   const int64_t KB = p.K / 32, G = p.groups_per_line();
   const uint32_t* qw = reinterpret_cast<const uint32_t*>(a.qweight);
@@ -217,7 +214,7 @@ inline __m512 combine_planes(const __m512* acc) {
 // out[r*16 + l] = Σ_k q[16(t0+r)+l][k] · x[k] with per-OC scaling per group applied, or, for
 // per-IC (tables built from x' = x·s), the raw Σ q·x'.
 template <int BITS, int R>
-void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsum, int64_t t0,
+void lut_tiles(const GemmArgs& a, const float* tables, const float* group_xsum, int64_t t0,
                float* out) {
   const QuantParams& p = a.p;
   const int64_t KB = p.K / 32;
@@ -281,10 +278,10 @@ void lut_tiles(const CpuGemmArgs& a, const float* tables, const float* group_xsu
 
 }  // namespace
 
-void gemm_avx512(const CpuGemmArgs& a, const ParallelFor& pf) {
+void gemm_avx512(const GemmArgs& a, const ParallelFor& pf) {
   if (a.M <= lut_max_m(a.p.bits)) gemm_lut_path(a, pf);
   else gemm_tile_path(a, pf);
 }
-void gemm_t_avx512(const CpuGemmArgs& a, const ParallelFor& pf) { gemm_t_tile_path(a, pf); }
+void gemm_t_avx512(const GemmArgs& a, const ParallelFor& pf) { gemm_t_tile_path(a, pf); }
 
 }  // namespace layerpress

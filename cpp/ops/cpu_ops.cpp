@@ -118,20 +118,6 @@ std::tuple<Tensor, Tensor, Tensor> unrepack_cpu(const Tensor& qweight, const Ten
   return {q, s, z};
 }
 
-CpuGemmArgs gemm_args(const QuantParams& p, const Tensor& x2, const Tensor& qweight, const Tensor& scales,
-                      const optional<Tensor>& zeros, Tensor& y) {
-  CpuGemmArgs a;
-  a.p = p;
-  a.qweight = qweight.data_ptr<int32_t>();
-  a.scales = scales.data_ptr();
-  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
-  a.M = x2.size(0);
-  a.act_type = float_type_of(x2, "x");
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(0) > 1 ? x2.stride(0) : x2.size(1);
-  a.y = y.data_ptr();
-  return a;
-}
 
 Tensor gemm_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scales, const optional<Tensor>& zeros,
                 const optional<Tensor>& bias, int64_t bits, int64_t group_size, int64_t axis, int64_t layout,
@@ -141,7 +127,7 @@ Tensor gemm_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scales, co
   check_bias(bias, x, p.N, qweight);
   Tensor y = at::empty(with_last_dim(x, p.N), x.options());
   if (x2.size(0) == 0) return y;
-  CpuGemmArgs a = gemm_args(p, x2, qweight, scales, zeros, y);
+  GemmArgs a = gemm_args(p, x2, qweight, scales, zeros, y);
   a.bias = bias ? bias->data_ptr() : nullptr;
   cpu_gemm_active().gemm(a, torch_parallel_for());
   return y;
@@ -153,7 +139,7 @@ Tensor gemm_t_cpu(const Tensor& grad, const Tensor& qweight, const Tensor& scale
   const Tensor g2 = flat_activation(grad, p.N, "grad", "out_features", qweight);
   Tensor y = at::empty(with_last_dim(grad, p.K), grad.options());
   if (g2.size(0) == 0) return y;
-  CpuGemmArgs a = gemm_args(p, g2, qweight, scales, zeros, y);
+  GemmArgs a = gemm_args(p, g2, qweight, scales, zeros, y);
   cpu_gemm_active().gemm_t(a, torch_parallel_for());
   return y;
 }

@@ -215,6 +215,22 @@ inline void check_pack_codes(const at::Tensor& codes, int64_t bits) {
                       " for bits=", bits, ", got a code ", codes.max().item<int64_t>());
 }
 
+// GemmArgs for a validated weight triple, a flattened activation x2 [M, cols] and the output y.
+inline GemmArgs gemm_args(const QuantParams& p, const at::Tensor& x2, const at::Tensor& qweight,
+                          const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, at::Tensor& y) {
+  GemmArgs a;
+  a.p = p;
+  a.qweight = qweight.data_ptr<int32_t>();
+  a.scales = scales.data_ptr();
+  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  a.M = x2.size(0);
+  a.act_type = float_type_of(x2, "x");
+  a.x = x2.data_ptr();
+  a.ldx = x2.size(0) > 1 ? x2.stride(0) : x2.size(1);
+  a.y = y.data_ptr();
+  return a;
+}
+
 // Output shape of a GEMM: the activation's shape with the last dimension replaced.
 inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
   auto shape = x.sizes().vec();

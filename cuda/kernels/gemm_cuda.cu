@@ -29,7 +29,7 @@ constexpr int kWarps = 4;         // warps per block
 constexpr int kTileM = 8;         // activation rows sharing one decoded weight
 constexpr int kMaxGridY = 65535;  // gridDim.y limit; the row-tile loops cover larger M
 
-struct GemmArgsDevice {  // CudaGemmArgs resolved for the kernels
+struct GemmArgsDevice {  // GemmArgs resolved for the kernels
   DeviceQuant p;
   const uint32_t* qweight;
   const void* scales;
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 }
 
-GemmArgsDevice device_args(const CudaGemmArgs& a) {
+GemmArgsDevice device_args(const GemmArgs& a) {
   GemmArgsDevice d;
   d.p = DeviceQuant::from(a.p);
   d.qweight = reinterpret_cast<const uint32_t*>(a.qweight);
@@ -123,7 +123,7 @@ unsigned row_tiles(int64_t M) {
 }
 
 template <typename T>
-void launch_gemm(const CudaGemmArgs& a, cudaStream_t stream) {
+void launch_gemm(const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.p.N + kWarps - 1) / kWarps), row_tiles(a.M));
   gemm_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
       device_args(a), static_cast<const T*>(a.x), static_cast<const T*>(a.bias),
@@ -131,7 +131,7 @@ void launch_gemm(const CudaGemmArgs& a, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_gemm_t(const CudaGemmArgs& a, cudaStream_t stream) {
+void launch_gemm_t(const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.p.K / kWarpSize), row_tiles(a.M));
   gemm_t_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
       device_args(a), static_cast<const T*>(a.x), static_cast<T*>(a.y));
@@ -139,7 +139,7 @@ void launch_gemm_t(const CudaGemmArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t gemm_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream) {
+cudaError_t gemm_canonical_cuda(const GemmArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.p.N <= 0 || a.p.K <= 0) return cudaSuccess;
   switch (a.act_type) {
     case FloatType::kF32: launch_gemm<float>(a, stream); break;
@@ -150,7 +150,7 @@ cudaError_t gemm_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t gemm_t_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream) {
+cudaError_t gemm_t_canonical_cuda(const GemmArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.p.N <= 0 || a.p.K <= 0) return cudaSuccess;
   switch (a.act_type) {
     case FloatType::kF32: launch_gemm_t<float>(a, stream); break;

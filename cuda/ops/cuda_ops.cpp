@@ -122,20 +122,6 @@ QuantParams gemm_params(const Tensor& qweight, const Tensor& scales, const optio
   return p;
 }
 
-CudaGemmArgs gemm_args(const QuantParams& p, const Tensor& x2, const Tensor& qweight, const Tensor& scales,
-                       const optional<Tensor>& zeros, Tensor& y) {
-  CudaGemmArgs a;
-  a.p = p;
-  a.qweight = qweight.data_ptr<int32_t>();
-  a.scales = scales.data_ptr();
-  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
-  a.M = x2.size(0);
-  a.act_type = float_type_of(x2, "x");
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(0) > 1 ? x2.stride(0) : x2.size(1);
-  a.y = y.data_ptr();
-  return a;
-}
 
 Tensor gemm_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scales, const optional<Tensor>& zeros,
                  const optional<Tensor>& bias, int64_t bits, int64_t group_size, int64_t axis, int64_t layout,
@@ -146,7 +132,7 @@ Tensor gemm_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scales, c
   const c10::cuda::CUDAGuard guard(qweight.device());
   Tensor y = at::empty(with_last_dim(x, p.N), x.options());
   if (x2.size(0) == 0) return y;
-  CudaGemmArgs a = gemm_args(p, x2, qweight, scales, zeros, y);
+  GemmArgs a = gemm_args(p, x2, qweight, scales, zeros, y);
   a.bias = bias ? bias->data_ptr() : nullptr;
   check_launch(gemm_canonical_cuda(a, current_stream()));
   return y;
@@ -159,7 +145,7 @@ Tensor gemm_t_cuda(const Tensor& grad, const Tensor& qweight, const Tensor& scal
   const c10::cuda::CUDAGuard guard(qweight.device());
   Tensor y = at::empty(with_last_dim(grad, p.K), grad.options());
   if (g2.size(0) == 0) return y;
-  CudaGemmArgs a = gemm_args(p, g2, qweight, scales, zeros, y);
+  GemmArgs a = gemm_args(p, g2, qweight, scales, zeros, y);
   check_launch(gemm_t_canonical_cuda(a, current_stream()));
   return y;
 }

@@ -45,39 +45,31 @@ void repack_bitplane_to_canonical(const int32_t* q, const void* s, const uint8_t
                                   uint8_t* z_out, const ParallelFor& pf);
 
 // ---- low-bit GEMM on kCpuBitplane16 -------------------------------------------------------------
-struct CpuGemmArgs {
-  QuantParams p;
-  const int32_t* qweight = nullptr;  // kCpuBitplane16
-  const void* scales = nullptr;      // kCpuBitplane16 layout, p.scale_type
-  const uint8_t* zeros = nullptr;    // nullptr when p.symmetric
-  int64_t M = 0;
-  FloatType act_type = FloatType::kF32;  // type of x, bias and y
-  const void* x = nullptr;  // forward: [M, K] (row stride ldx); transposed: [M, N]
-  int64_t ldx = 0;
-  const void* bias = nullptr;  // forward only, [N] or nullptr
-  void* y = nullptr;           // forward: [M, N]; transposed: [M, K]; rows contiguous (ld = cols)
-};
+// The CPU kernels read GemmArgs (quant_format.h) with the weight in kCpuBitplane16.
 
 // One kernel variant: the forward product Y = X·dequant(W)ᵀ (+ bias) and the transposed
 // product Y = G·dequant(W) (the input gradient).
 struct CpuGemmVariant {
   const char* name;
   bool (*supported)();  // can this machine run it
-  void (*gemm)(const CpuGemmArgs&, const ParallelFor&);
-  void (*gemm_t)(const CpuGemmArgs&, const ParallelFor&);
+  void (*gemm)(const GemmArgs&, const ParallelFor&);
+  void (*gemm_t)(const GemmArgs&, const ParallelFor&);
 };
 
 const std::vector<CpuGemmVariant>& cpu_gemm_variants();  // generic first, best last
 const CpuGemmVariant& cpu_gemm_active();   // best supported, or LAYERPRESS_CPU_KERNEL / override
 bool cpu_gemm_select(const std::string& name);  // "" resets to automatic; false if unknown/unsupported
-std::vector<std::string> cpu_features();        // what this CPU offers, for build_info
+std::vector<std::string> cpu_features();
+// LAYERPRESS_LUT_MAX_M, read once: forces the largest M of the table-lookup path (tests run both
+// GEMM paths at every M with it); -1 when unset.
+int64_t lut_max_m_override();        // what this CPU offers, for build_info
 
 // Variants (defined in their own translation units, each compiled for its ISA).
-void gemm_generic(const CpuGemmArgs&, const ParallelFor&);
-void gemm_t_generic(const CpuGemmArgs&, const ParallelFor&);
-void gemm_avx2(const CpuGemmArgs&, const ParallelFor&);
-void gemm_t_avx2(const CpuGemmArgs&, const ParallelFor&);
-void gemm_avx512(const CpuGemmArgs&, const ParallelFor&);
-void gemm_t_avx512(const CpuGemmArgs&, const ParallelFor&);
+void gemm_generic(const GemmArgs&, const ParallelFor&);
+void gemm_t_generic(const GemmArgs&, const ParallelFor&);
+void gemm_avx2(const GemmArgs&, const ParallelFor&);
+void gemm_t_avx2(const GemmArgs&, const ParallelFor&);
+void gemm_avx512(const GemmArgs&, const ParallelFor&);
+void gemm_t_avx512(const GemmArgs&, const ParallelFor&);
 
 }  // namespace layerpress

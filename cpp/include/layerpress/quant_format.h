@@ -49,6 +49,21 @@ struct QuantParams {
   int64_t row_tiles() const { return (N + kTileRows - 1) / kTileRows; }
 };
 
+// Arguments of one low-bit GEMM call, for every device: the weight in the layout the kernel reads
+// (see the kernel's header for which), the activation and the output.
+struct GemmArgs {
+  QuantParams p;
+  const int32_t* qweight = nullptr;
+  const void* scales = nullptr;      // p.scale_type, in the kernel's layout
+  const uint8_t* zeros = nullptr;    // same layout as scales; nullptr when p.symmetric
+  int64_t M = 0;
+  FloatType act_type = FloatType::kF32;  // type of x, bias and y
+  const void* x = nullptr;  // forward: [M, K]; transposed: [M, N]; row stride ldx, unit column stride
+  int64_t ldx = 0;
+  const void* bias = nullptr;  // forward only, [N] or nullptr
+  void* y = nullptr;           // forward: [M, N]; transposed: [M, K]; contiguous rows
+};
+
 // Conversions for the scale element types (round-to-nearest-even, like torch). `static` on
 // purpose: each translation unit, including the ones compiled for AVX2/AVX-512, keeps its own
 // copy, so the linker can never hand an AVX-512 copy to baseline code.

@@ -39,23 +39,13 @@ cudaError_t dequantize_cuda(const int32_t* qweight, const void* scales, const ui
                             cudaStream_t stream);
 
 // ---- low-bit GEMM on the canonical layout (Layout::kCanonical) ----------------------------------
-struct CudaGemmArgs {
-  QuantParams p;
-  const int32_t* qweight = nullptr;  // canonical [N, K*bits/32]
-  const void* scales = nullptr;      // canonical [N, K/g] (per-OC) or [K, N/g] (per-IC), p.scale_type
-  const uint8_t* zeros = nullptr;    // same shape as scales; nullptr when p.symmetric
-  int64_t M = 0;
-  FloatType act_type = FloatType::kF32;  // type of x, bias and y
-  const void* x = nullptr;  // forward: [M, K]; transposed: [M, N]; row stride ldx, unit column stride
-  int64_t ldx = 0;
-  const void* bias = nullptr;  // forward only, [N] or nullptr
-  void* y = nullptr;           // forward: [M, N]; transposed: [M, K]; contiguous rows
-};
+// The CUDA GEMMs read GemmArgs (quant_format.h) with the weight in the canonical layout
+// (qweight [N, K*bits/32], scales/zeros [N, K/g] per-OC or [K, N/g] per-IC).
 
 // Y = X · dequant(W)ᵀ (+ bias): fp32 accumulation, dequantisation fused (the dense weight is never
 // written to memory). Any M >= 0, any N >= 1.
-cudaError_t gemm_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream);
+cudaError_t gemm_canonical_cuda(const GemmArgs& a, cudaStream_t stream);
 // Y = G · dequant(W) (the input gradient of the forward product); `bias` is ignored.
-cudaError_t gemm_t_canonical_cuda(const CudaGemmArgs& a, cudaStream_t stream);
+cudaError_t gemm_t_canonical_cuda(const GemmArgs& a, cudaStream_t stream);
 
 }  // namespace layerpress
