@@ -29,7 +29,12 @@ def test_adapter_structure(family):
             assert point == "" or name == point or name.startswith(point + "."), (name, point)
             get_submodule(block, point)
         for grp in ad.scaling_groups(block):
-            get_submodule(block, grp.prev)
+            prev = get_submodule(block, grp.prev)
+            assert grp.fold in ("norm", "linear", "activation")
+            if grp.fold == "linear":
+                assert grp.prev in lins
+            elif grp.fold == "norm":
+                assert "norm" in type(prev).__name__.lower()
             get_submodule(block, grp.inspect)
             for lin in grp.linears:
                 assert lin in lins

@@ -255,7 +255,7 @@ def quantize(args) -> int:
             report = quantize_model(m, bits=args.bits, group_size=args.group_size, axis=axis,
                                     method=method, importance=args.importance, calib=calib,
                                     tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len,
-                                    seed=args.seed)
+                                    seed=args.seed, select_with=args.select_with)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}
@@ -282,6 +282,9 @@ def quantize(args) -> int:
     if encoder:
         print("  mean/min cos: cosine between mean-pooled sentence embeddings of the quantised and "
               "the fp32 model on 60 held-out sentences; NN agree: same nearest neighbour")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"report written to {args.report}")
     if args.out:
         save_quantized(qmodel, args.out, overwrite=args.overwrite, extra=report.to_dict())
         tok.save_pretrained(args.out)
@@ -366,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=["rtn", "gptq"], default="gptq", help="default gptq")
     q.add_argument("--axis", choices=["oc", "ic", "auto"], default="auto",
                    help="group axis; auto = AdaDim per linear (default)")
+    q.add_argument("--select-with", choices=["applied", "rtn"], default="applied",
+                   help="axis auto: measure the candidates with the applied quantiser (default) "
+                        "or choose with RTN, then quantise (AdaDim paper's recipe)")
     q.add_argument("--importance", choices=["lim", "zd"], default="lim",
                    help="layer importance for fractional bits (default lim)")
     q.add_argument("--calib", nargs="+", metavar="FILE",
@@ -377,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run RTN and GPTQ with axes oc, ic and auto side by side")
     q.add_argument("--out", help="save the quantised model to this directory")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--report", metavar="FILE",
+                   help="write the per-layer report (bits, axis, errors; JSON) of the last run")
     q.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     return p
 

@@ -195,12 +195,10 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) ->
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
         raise ValueError(f"{path}: the tensors do not match the config: {e}") from None
-    expected_missing = set()
-    if result.missing_keys or result.unexpected_keys:
-        missing = [k for k in result.missing_keys if k not in expected_missing]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{path}: the tensors do not match the config: missing "
-                             f"{missing[:8]}{' …' if len(missing) > 8 else ''}, unexpected "
-                             f"{result.unexpected_keys[:8]}{' …' if len(result.unexpected_keys) > 8 else ''}")
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the tensors do not match the config: missing "
+                         f"{missing[:8]}{' …' if len(missing) > 8 else ''}, unexpected "
+                         f"{unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
     model.eval()
     return model

@@ -15,7 +15,7 @@ post-LN block it is the MLP output after the residual LayerNorm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from torch import nn
 
@@ -43,11 +43,16 @@ def get_submodule(root: nn.Module, name: str) -> nn.Module:
 
 @dataclass(frozen=True)
 class ScalingGroup:
-    """AWQ scaling group: ``prev`` (a norm or linear, name within the block) feeds ``linears``;
-    ``inspect`` is the module whose output the AWQ search compares."""
+    """AWQ scaling group: ``prev`` (name within the block) feeds ``linears``; ``inspect`` is the
+    module whose output the AWQ search compares. ``fold`` says where ``s⁻¹`` goes:
+    ``"norm"`` (into the norm's weight/bias), ``"linear"`` (into the output rows of the previous
+    linear: only valid when what lies between is linear in it, e.g. Llama's ``act(gate)·up``) or
+    ``"activation"`` (``prev`` is an activation that is not positively homogeneous, e.g. GELU:
+    ``s⁻¹`` must be applied after it, as llm-awq's ``ScaledActivation`` does)."""
     prev: str
     linears: tuple
     inspect: str
+    fold: str = "norm"
 
 
 class ModelAdapter:
@@ -111,9 +116,10 @@ class LlamaAdapter(ModelAdapter):
         groups = [ScalingGroup("input_layernorm",
                                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
         if a.v_proj.weight.shape == a.o_proj.weight.shape:  # no GQA: v's output feeds o directly
-            groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+            groups.append(ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj",
+                                       "linear"))
         groups.append(ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
-        groups.append(ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+        groups.append(ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"))
         return groups
 
 
@@ -132,9 +138,10 @@ class OPTAdapter(ModelAdapter):
     def scaling_groups(self, block):
         return [ScalingGroup("self_attn_layer_norm",
                              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-                ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+                ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj",
+                             "linear"),
                 ScalingGroup("final_layer_norm", ("fc1",), ""),
-                ScalingGroup("fc1", ("fc2",), "fc2")]
+                ScalingGroup("activation_fn", ("fc2",), "fc2", "activation")]
 
 
 class GPT2Adapter(ModelAdapter):
@@ -150,7 +157,7 @@ class GPT2Adapter(ModelAdapter):
     def scaling_groups(self, block):
         return [ScalingGroup("ln_1", ("attn.c_attn",), "attn"),
                 ScalingGroup("ln_2", ("mlp.c_fc",), "mlp"),
-                ScalingGroup("mlp.c_fc", ("mlp.c_proj",), "mlp.c_proj")]
+                ScalingGroup("mlp.act", ("mlp.c_proj",), "mlp.c_proj", "activation")]
 
 
 class BertAdapter(ModelAdapter):
@@ -170,8 +177,9 @@ class BertAdapter(ModelAdapter):
         # Post-LN: the q/k/v input is the previous block's output LayerNorm (outside this block),
         # so only the linear -> linear groups lie inside it.
         return [ScalingGroup("attention.self.value", ("attention.output.dense",),
-                             "attention.output.dense"),
-                ScalingGroup("intermediate.dense", ("output.dense",), "output.dense")]
+                             "attention.output.dense", "linear"),
+                ScalingGroup("intermediate.intermediate_act_fn", ("output.dense",), "output.dense",
+                             "activation")]
 
 
 _ADAPTERS = {"llama": LlamaAdapter, "mistral": LlamaAdapter, "qwen2": LlamaAdapter,

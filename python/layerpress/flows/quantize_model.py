@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from ..nn import QuantLinear
 from ..spec import QuantSpec
 from .allocate import allocate_bits
-from .calibration import (capture_block_inputs, default_texts, load_texts, run_block, to_device,
+from .calibration import (capture_block_inputs, default_texts, load_texts, run_block,
                           tokenize_texts)
 from .importance import importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
@@ -162,16 +162,22 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    scale_dtype: torch.dtype = torch.float16, act_order: bool = True,
                    high_bits: Optional[int] = None, low_bits: Optional[int] = None,
                    seed: int = 0, adapter: Optional[ModelAdapter] = None,
-                   verbose: bool = False, threads: Optional[int] = None) -> QuantReport:
+                   verbose: bool = False, threads: Optional[int] = None,
+                   select_with: str = "applied") -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
-    ``threads``: torch intra-op threads for the run (restored afterwards)."""
+    ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
+    ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
+    ``"rtn"`` chooses the axis with RTN and then runs ``method`` on it (the AdaDim paper's recipe
+    for GPTQ, half the GPTQ work)."""
+    if select_with not in ("applied", "rtn"):
+        raise ValueError(f"select_with must be 'applied' or 'rtn', got {select_with!r}")
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
                                n_samples, seq_len, batch_size, device, symmetric, scale_dtype,
-                               act_order, high_bits, low_bits, seed, adapter, verbose)
+                               act_order, high_bits, low_bits, seed, adapter, verbose, select_with)
     finally:
         torch.set_num_threads(old)
 
@@ -179,7 +185,7 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
 @torch.no_grad()
 def _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
                     n_samples, seq_len, batch_size, device, symmetric, scale_dtype, act_order,
-                    high_bits, low_bits, seed, adapter, verbose) -> QuantReport:
+                    high_bits, low_bits, seed, adapter, verbose, select_with) -> QuantReport:
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -249,7 +255,8 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             Hraw = hess[name].H.float()  # Σ xxᵀ
             H = hess[name].hessian()
             specs = _candidate_specs(axis, block_bits[bi], group_size, symmetric, scale_dtype, n, k)
-            results = {s.axis: _quantise(W, s, method, H, act_order) for s in specs}
+            sel = method if select_with == "applied" else "rtn"
+            results = {s.axis: _quantise(W, s, sel, H, act_order) for s in specs}
             point = adapter.measure_point(name)
             mse = {}
             if len(results) > 1:
@@ -275,6 +282,8 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             else:
                 best = next(iter(results))
             res = results[best]
+            if sel != method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
+                res = _quantise(W, res.spec, method, H, act_order)
             num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
             den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
             rel = (num / den).item()
