@@ -86,6 +86,32 @@ def machine_info() -> dict:
 
 # ---- timing ----------------------------------------------------------------------------------------
 
+class Reporter:
+    """JSON lines to stdout (and to ``out`` if given), progress lines to stderr; keeps every
+    emitted record for the summary table. Close it (or use ``with``) to close the file."""
+
+    def __init__(self, out: Optional[str], quiet: bool):
+        self.quiet = quiet
+        self.file = open(out, "w") if out else None
+        self.results: List[dict] = []
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def emit(self, d: dict) -> None:
+        line = json.dumps(d)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+        self.results.append(d)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
 def measure(fn: Callable[[], object], target_s: float = 0.25, min_repeats: int = 3,
             max_repeats: int = 2000) -> tuple:
     """Median wall time of ``fn()`` in ms. Warm-up calls first (at least one, about a tenth of
@@ -348,20 +374,8 @@ def run(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
 
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    out_file = open(args.out, "w") if args.out else None
-    results: List[dict] = []
-
-    def emit(d: dict) -> None:
-        line = json.dumps(d)
-        print(line, flush=True)
-        if out_file:
-            out_file.write(line + "\n")
-            out_file.flush()
-        results.append(d)
+    reporter = Reporter(args.out, args.quiet)
+    log, emit, results = reporter.log, reporter.emit, reporter.results
 
     started = time.perf_counter()
     try:
@@ -441,8 +455,7 @@ def run(args) -> int:
                                and c["axis"] == d.get("axis") for c in fp32):
                             emit(d)
     finally:
-        if out_file:
-            out_file.close()
+        reporter.close()
     print_table(results, sys.stderr)
     log(f"# {len(results) - 1} measurements in {time.perf_counter() - started:.0f} s")
     return 0

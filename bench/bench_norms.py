@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import layerpress
 from layerpress import norm_ops
 
-from .bench_gemm import UsageError, fmt_ms, fmt_ratio, machine_info, measure
+from .bench_gemm import Reporter, UsageError, fmt_ms, fmt_ratio, machine_info, measure
 
 OPS = ["rms_norm", "add_rms_norm", "layer_norm"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -185,20 +185,8 @@ def run(args) -> int:
             raise UsageError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
 
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    out_file = open(args.out, "w") if args.out else None
-    results: List[dict] = []
-
-    def emit(d: dict) -> None:
-        line = json.dumps(d)
-        print(line, flush=True)
-        if out_file:
-            out_file.write(line + "\n")
-            out_file.flush()
-        results.append(d)
+    reporter = Reporter(args.out, args.quiet)
+    log, emit, results = reporter.log, reporter.emit, reporter.results
 
     started = time.perf_counter()
     try:
@@ -233,8 +221,7 @@ def run(args) -> int:
         emit({"kind": "done", "seconds": round(time.perf_counter() - started, 1),
               "loadavg": list(os.getloadavg())})
     finally:
-        if out_file:
-            out_file.close()
+        reporter.close()
     print_table(results, sys.stderr)
     return 0
 
