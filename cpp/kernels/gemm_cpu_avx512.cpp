@@ -227,6 +227,7 @@ void lut_tiles(const GemmArgs& a, const float* tables, const float* group_xsum, 
   std::memcpy(last_copy, last_vector, kTileRows * 4);
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t kb0 = 0; kb0 < KB; kb0 += fold_blocks) {
     __m512 acc[R][BITS];
     for (int r = 0; r < R; ++r)
@@ -248,8 +249,10 @@ void lut_tiles(const GemmArgs& a, const float* tables, const float* group_xsum, 
         for (int r = 0; r < R; ++r)
           for (int b = 0; b < BITS; ++b) {
             const __m512i v = _mm512_loadu_si512(reinterpret_cast<const char*>(src[r][b]) + o);
+            // x·1 + acc rounds exactly like x + acc; issuing half the sums as FMAs spreads them
+            // over the FMA pipes as well as the add pipes (Zen 4 adds only on two of four).
             acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(v, tab_even));
-            acc[r][b] = _mm512_add_ps(acc[r][b], _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab_odd));
+            acc[r][b] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab_odd), one, acc[r][b]);
           }
       }
     }
