@@ -8,8 +8,9 @@ side in one run.
 For every case the weight is quantised (RTN, asymmetric, group 128) and repacked once, then
 ``torch.ops.layerpress.gemm`` is timed. Baselines, timed once per (M, K, N, dtype): ``F.linear``
 in fp32 and bf16, and ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (4-bit, bf16 activations).
-Each timing is the median of repeated calls after a warm-up, with the repeat count chosen so a
-measurement takes about ``--target-s`` seconds. Output: one JSON line per (case, implementation)
+Each implementation of a shape is timed in ``--rounds`` interleaved rounds (a warm-up, then
+repeated calls for ``--target-s``/rounds seconds each round) and reported as the median over all
+samples, so drifts of a shared machine hit ours and the baselines alike. Output: one JSON line per (case, implementation)
 on stdout (the first line, kind "machine", describes the machine), then a readable table on
 stderr. The C++ benchmark binary ``bench_gemm_cpu`` is run too when it is found, and its lines
 are included.
@@ -112,11 +113,10 @@ class Reporter:
             self.file.close()
 
 
-def measure(fn: Callable[[], object], target_s: float = 0.25, min_repeats: int = 3,
-            max_repeats: int = 2000) -> tuple:
-    """Median wall time of ``fn()`` in ms. Warm-up calls first (at least one, about a tenth of
-    the budget), then enough timed calls that the measurement takes about ``target_s``.
-    Returns (median_ms, repeats)."""
+def timed_calls(fn: Callable[[], object], target_s: float, min_repeats: int = 3,
+                max_repeats: int = 2000) -> List[float]:
+    """Wall times (s) of repeated ``fn()`` calls: warm-up calls first (at least one, about a
+    tenth of the budget), then enough timed calls that they take about ``target_s``."""
     warm_deadline = time.perf_counter() + target_s / 10
     t0 = time.perf_counter()
     fn()
@@ -131,7 +131,14 @@ def measure(fn: Callable[[], object], target_s: float = 0.25, min_repeats: int =
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, repeats
+    return times
+
+
+def measure(fn: Callable[[], object], target_s: float = 0.25, min_repeats: int = 3,
+            max_repeats: int = 2000) -> tuple:
+    """Median wall time of ``fn()`` in ms over ``timed_calls``. Returns (median_ms, repeats)."""
+    times = timed_calls(fn, target_s, min_repeats, max_repeats)
+    return statistics.median(times) * 1e3, len(times)
 
 
 # ---- weights ---------------------------------------------------------------------------------------
@@ -336,8 +343,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", metavar="KEY=V1,V2",
                    help="filter cases; keys M, K, N, bits, axis (oc/ic), dtype (fp32/bf16), "
                         "shape (KxN)")
-    p.add_argument("--target-s", type=float, default=0.25, metavar="S",
-                   help="seconds of timed calls per measurement (default 0.25)")
+    p.add_argument("--target-s", type=float, default=0.5, metavar="S",
+                   help="seconds of timed calls per measurement, over all rounds (default 0.5)")
+    p.add_argument("--rounds", type=int, default=5, metavar="R",
+                   help="interleaved rounds per shape: each implementation is timed once per "
+                        "round, for target-s/R seconds (default 5)")
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch.set_num_threads(T) (default: torch's default)")
     p.add_argument("--variant", metavar="NAME",
@@ -364,6 +374,8 @@ def run(args) -> int:
         return 0
     if args.target_s <= 0:
         raise UsageError("--target-s must be positive")
+    if args.rounds < 1:
+        raise UsageError("--rounds must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError("--threads must be >= 1")
@@ -399,49 +411,58 @@ def run(args) -> int:
             Ms = sorted({c["M"] for c in sc})
             w = random_weight(N, K, seed=si)
             xs = {M: torch.randn(M, K, generator=torch.Generator().manual_seed(1000 + M)) for M in Ms}
+            # Every implementation of this shape is timed in each of `--rounds` rounds, in turn,
+            # and its median is taken over the samples of all rounds: a slow spell of a shared
+            # machine then hits ours and the baselines alike instead of biasing their ratio.
+            items = []  # (JSON fields, callable)
+            keep = []   # weights the callables close over
+            if not args.no_baselines:
+                wb = w.to(torch.bfloat16)
+                i4, i4sz = int4pack_weight(w, GROUP)
+                keep += [wb, i4, i4sz]
+                for M in Ms:
+                    x32, xb = xs[M], xs[M].to(torch.bfloat16)
+                    base = {"kind": "result", **common, "M": M, "K": K, "N": N}
+                    items.append(({**base, "bits": None, "group_size": None, "axis": None,
+                                   "dtype": "float32", "impl": "F.linear"},
+                                  lambda x=x32: F.linear(x, w)))
+                    items.append(({**base, "bits": None, "group_size": None, "axis": None,
+                                   "dtype": "bfloat16", "impl": "F.linear"},
+                                  lambda x=xb: F.linear(x, wb)))
+                    items.append(({**base, "bits": 4, "group_size": GROUP, "axis": "oc",
+                                   "dtype": "bfloat16", "impl": INT4PACK, "symmetric": False,
+                                   "scale_dtype": "bfloat16"},
+                                  lambda x=xb: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                                      x, i4, GROUP, i4sz)))
+            for bits in BITS:
+                for axis in AXES:
+                    bc = [c for c in sc if c["bits"] == bits and c["axis"] == axis]
+                    if not bc:
+                        continue
+                    spec = QuantSpec(bits=bits, group_size=GROUP, axis=axis, symmetric=False,
+                                     scale_dtype=scale_dtype)
+                    q, s, z = layerpress_weight(w, spec)
+                    keep.append((q, s, z))
+                    for c in bc:
+                        M, dt = c["M"], c["dtype"]
+                        x = xs[M] if dt == "float32" else xs[M].to(DTYPES[dt])
+                        items.append(({"kind": "result", **common, "M": M, "K": K, "N": N,
+                                       "bits": bits, "group_size": GROUP, "axis": axis,
+                                       "dtype": dt, "impl": "layerpress", "variant": variant,
+                                       "symmetric": False, "scale_dtype": args.scale_dtype},
+                                      lambda x=x, q=q, s=s, z=z, bits=bits, ax=spec.axis_id:
+                                      torch.ops.layerpress.gemm(x, q, s, z, None, bits, GROUP,
+                                                                ax, 1, N)))
+            samples = [[] for _ in items]
             with torch.inference_mode():
-                if not args.no_baselines:
-                    log(f"# K={K} N={N}: baselines")
-                    wb = w.to(torch.bfloat16)
-                    i4, i4sz = int4pack_weight(w, GROUP)
-                    for M in Ms:
-                        x32, xb = xs[M], xs[M].to(torch.bfloat16)
-                        for dt, fn in (("float32", lambda: F.linear(x32, w)),
-                                       ("bfloat16", lambda: F.linear(xb, wb))):
-                            ms, n = measure(fn, args.target_s)
-                            emit({"kind": "result", **common, "M": M, "K": K, "N": N, "bits": None,
-                                  "group_size": None, "axis": None, "dtype": dt, "impl": "F.linear",
-                                  "median_ms": round(ms, 5), "repeats": n})
-                        ms, n = measure(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                            xb, i4, GROUP, i4sz), args.target_s)
-                        emit({"kind": "result", **common, "M": M, "K": K, "N": N, "bits": 4,
-                              "group_size": GROUP, "axis": "oc", "dtype": "bfloat16", "impl": INT4PACK,
-                              "symmetric": False, "scale_dtype": "bfloat16",
-                              "median_ms": round(ms, 5), "repeats": n})
-                    del wb, i4, i4sz
-                for bits in BITS:
-                    for axis in AXES:
-                        bc = [c for c in sc if c["bits"] == bits and c["axis"] == axis]
-                        if not bc:
-                            continue
-                        spec = QuantSpec(bits=bits, group_size=GROUP, axis=axis, symmetric=False,
-                                         scale_dtype=scale_dtype)
-                        log(f"# K={K} N={N}: layerpress W{bits} g{GROUP} {axis}")
-                        q, s, z = layerpress_weight(w, spec)
-                        xd = {}
-                        for c in bc:
-                            M, dt = c["M"], c["dtype"]
-                            x = xs[M] if dt == "float32" else xs[M].to(DTYPES[dt])
-                            xd[(M, dt)] = x
-                            fn = (lambda x=x: torch.ops.layerpress.gemm(
-                                x, q, s, z, None, bits, GROUP, spec.axis_id, 1, N))
-                            ms, n = measure(fn, args.target_s)
-                            emit({"kind": "result", **common, "M": M, "K": K, "N": N, "bits": bits,
-                                  "group_size": GROUP, "axis": axis, "dtype": dt,
-                                  "impl": "layerpress", "variant": variant, "symmetric": False,
-                                  "scale_dtype": args.scale_dtype, "median_ms": round(ms, 5),
-                                  "repeats": n})
-                        del q, s, z, xd
+                for r in range(args.rounds):
+                    log(f"# K={K} N={N}: round {r + 1}/{args.rounds}, {len(items)} timings")
+                    for i, (_, fn) in enumerate(items):
+                        samples[i] += timed_calls(fn, args.target_s / args.rounds)
+            for (fields, _), t in zip(items, samples):
+                emit({**fields, "median_ms": round(statistics.median(t) * 1e3, 5),
+                      "repeats": len(t), "rounds": args.rounds})
+            del items, keep, samples
             del w, xs
             if cpp_bin:
                 fp32 = [c for c in sc if c["dtype"] == "float32"]

@@ -103,23 +103,35 @@ void dequant_panel_fwd_avx512(const GemmArgs& a, int64_t n0, int64_t k0, int64_t
       __m512i w[8];
       for (int b = 0; b < p.bits; ++b)
         w[b] = _mm512_loadu_si512(qw + ((t * KB + kb) * p.bits + b) * kTileRows);
-      __m512 s = _mm512_setzero_ps(), z = sym_zero;
+      // w = (q - z) * s = q * s + (-z * s): one FMA per element.
+      __m512 s = _mm512_setzero_ps(), zs = _mm512_setzero_ps();
+      alignas(64) float s_ic[32], zs_ic[32];
       if (p.axis == GroupAxis::kPerOC) {
         const int64_t si = (t * G + kb * 32 / p.group) * kTileRows;
         s = load16_float(a.scales, si, p.scale_type);
-        if (!p.symmetric) z = load16_zeros(a.zeros + si);
+        const __m512 z = p.symmetric ? sym_zero : load16_zeros(a.zeros + si);
+        zs = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), s);
+      } else {
+        // Per-IC: the 32 columns of the block each own a scale (shared by the 16 rows of the
+        // tile, which lie in one group): convert them as vectors once, broadcast per column.
+        const int64_t si = (t * kTileRows / p.group) * p.K + kb * 32;
+        for (int h = 0; h < 2; ++h) {
+          const __m512 sv = load16_float(a.scales, si + 16 * h, p.scale_type);
+          const __m512 zv = p.symmetric ? sym_zero : load16_zeros(a.zeros + si + 16 * h);
+          _mm512_store_ps(s_ic + 16 * h, sv);
+          _mm512_store_ps(zs_ic + 16 * h, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), zv), sv));
+        }
       }
-      const int64_t ic_base = (t * kTileRows / p.group) * p.K + kb * 32;
       for (int i = 0; i < 32; ++i) {
         const __m512i bit = _mm512_set1_epi32(1 << i);
         __m512i q = _mm512_setzero_si512();
         for (int b = 0; b < p.bits; ++b)
           q = _mm512_mask_or_epi32(q, _mm512_test_epi32_mask(w[b], bit), q, _mm512_set1_epi32(1 << b));
         if (p.axis == GroupAxis::kPerIC) {
-          s = _mm512_set1_ps(load_float(a.scales, ic_base + i, p.scale_type));
-          if (!p.symmetric) z = _mm512_set1_ps(static_cast<float>(a.zeros[ic_base + i]));
+          s = _mm512_set1_ps(s_ic[i]);
+          zs = _mm512_set1_ps(zs_ic[i]);
         }
-        _mm512_store_ps(Pt + (kb * 32 + i - k0) * 64, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s));
+        _mm512_store_ps(Pt + (kb * 32 + i - k0) * 64, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, zs));
       }
     }
   }
