@@ -13,6 +13,12 @@ from .wtacrs import WTACRSLinear, LoRALinear, apply_wtacrs, apply_lora  # noqa: 
 
 __version__ = _C.build_info()["version"]
 
+# Hugging Face transformers learns the "layerpress" quantisation method when (and only if) it
+# loads its quantiser registry; nothing is imported here (see layerpress/integrations).
+from .integrations import install_hf_hook as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()
+
 
 def build_info() -> dict:
     """Version, the torch it was built against, CUDA on/off and architectures, CPU features
