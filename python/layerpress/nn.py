@@ -45,6 +45,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
         self.register_buffer("zeros", None, persistent=False)
+        # Optional input-channel permutation (e.g. a GPTQ act-order g_idx made contiguous):
+        # the layer computes x[..., in_perm] · dequant(W)ᵀ; None means the identity.
+        self.register_buffer("in_perm", None, persistent=False)
         self.layout = Layout.CANONICAL
         self._set_canonical(q, s, z)
         if bias:
@@ -69,16 +72,33 @@ class QuantLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_quantized(cls, qweight, scales, zeros, spec: QuantSpec, bias=None) -> "QuantLinear":
-        """From canonical tensors (e.g. produced by a calibrated quantiser)."""
+    def from_quantized(cls, qweight, scales, zeros, spec: QuantSpec, bias=None,
+                       in_perm=None) -> "QuantLinear":
+        """From canonical tensors (e.g. produced by a calibrated quantiser). ``in_perm`` (integer
+        ``[K]``, a permutation): the stored weight's input channels are ``x[..., in_perm]``."""
         n = qweight.shape[0]
         k = qweight.shape[1] * 32 // spec.bits
         mod = cls(k, n, spec, bias=bias is not None, device=qweight.device,
                   dtype=bias.dtype if bias is not None else None)
         mod._set_canonical(qweight, scales, zeros)
+        mod.set_in_perm(in_perm)
         if bias is not None:
             mod.bias.data.copy_(bias)
         return mod
+
+    def set_in_perm(self, in_perm) -> None:
+        """Sets (or, with None, clears) the input permutation; checks it is a permutation of K."""
+        if in_perm is not None:
+            k = self.in_features
+            if (not isinstance(in_perm, torch.Tensor) or in_perm.dtype.is_floating_point
+                    or in_perm.dtype == torch.bool or tuple(in_perm.shape) != (k,)):
+                got = (f"{in_perm.dtype} {list(in_perm.shape)}" if isinstance(in_perm, torch.Tensor)
+                       else type(in_perm).__name__)
+                raise ValueError(f"in_perm: expected an integer tensor [{k}], got {got}")
+            in_perm = in_perm.to(device=self.qweight.device, dtype=torch.int64)
+            if not torch.equal(torch.sort(in_perm).values, torch.arange(k, device=in_perm.device)):
+                raise ValueError(f"in_perm: not a permutation of 0..{k - 1}")
+        self.in_perm = in_perm
 
     # ---- layouts ---------------------------------------------------------------------------------
     def _check_canonical(self, q, s, z, where: str):
@@ -113,8 +133,12 @@ class QuantLinear(nn.Module):
         return ops.unrepack(self.qweight, self.scales, self.zeros, self.spec, self.out_features, self.layout)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """The ``[N, K]`` weight the layer multiplies ``x`` by (input channels in ``x``'s order)."""
         q, s, z = self.canonical()
-        return ops.dequantize(q, s, z, self.spec, dtype)
+        w = ops.dequantize(q, s, z, self.spec, dtype)
+        if self.in_perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.in_perm, w)
+        return w
 
     def _apply(self, fn, recurse=True):
         device = fn(torch.empty(0, dtype=torch.int32, device=self.qweight.device)).device
@@ -135,12 +159,14 @@ class QuantLinear(nn.Module):
         for key, t in zip(_CANONICAL_KEYS, self.canonical()):
             if t is not None:
                 destination[prefix + key] = t if keep_vars else t.detach()
+        if self.in_perm is not None:
+            destination[prefix + "in_perm"] = self.in_perm
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        for key in _CANONICAL_KEYS:
+        for key in _CANONICAL_KEYS + ("in_perm",):
             if prefix + key in unexpected_keys:
                 unexpected_keys.remove(prefix + key)
         present = {k: state_dict.get(prefix + k) for k in _CANONICAL_KEYS}
@@ -157,6 +183,8 @@ class QuantLinear(nn.Module):
             q, s = present["qweight"].to(device), present["scales"].to(device)
             z = None if present["zeros"] is None else present["zeros"].to(device)
             self._set_canonical(q, s, z)
+            # The permutation is part of the stored weight: the state dict decides (absent = none).
+            self.set_in_perm(state_dict.get(prefix + "in_perm"))
         except ValueError as e:
             error_msgs.append(f"{prefix}: {e} (spec {self.spec.to_dict()})")
 
@@ -165,6 +193,8 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        if self.in_perm is not None:
+            x = x.index_select(-1, self.in_perm)
         return ops.gemm(x, self.qweight, self.scales, self.zeros, bias, self.spec,
                         self.out_features, self.layout)
 
@@ -174,7 +204,8 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
                 f"group_size={g}, axis={s.axis}, symmetric={s.symmetric}, "
                 f"scale_dtype={str(s.scale_dtype).replace('torch.', '')}, bias={self.bias is not None}, "
-                f"layout={self.layout.name.lower()}")
+                f"layout={self.layout.name.lower()}"
+                + (", in_perm=True" if self.in_perm is not None else ""))
 
 
 def quantize_linear(linear: nn.Linear, spec: QuantSpec = QuantSpec()) -> QuantLinear:
