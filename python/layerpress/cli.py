@@ -222,6 +222,14 @@ def quantize(args) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
+    if args.checkpoint_dir and args.compare:
+        raise UsageError("--checkpoint-dir checkpoints one run: it cannot be combined with --compare")
+    if not 0.0 <= args.outliers < 1.0:
+        raise UsageError(f"--outliers must be a fraction in [0, 1), got {args.outliers}")
+    if args.lorc_rank < 0:
+        raise UsageError(f"--lorc-rank must be >= 0, got {args.lorc_rank}")
     import transformers
 
     from .flows import quantize_model, save_quantized
@@ -255,7 +263,9 @@ def quantize(args) -> int:
             report = quantize_model(m, bits=args.bits, group_size=args.group_size, axis=axis,
                                     method=method, importance=args.importance, calib=calib,
                                     tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len,
-                                    seed=args.seed, select_with=args.select_with)
+                                    seed=args.seed, select_with=args.select_with,
+                                    outliers=args.outliers, lorc_rank=args.lorc_rank,
+                                    checkpoint_dir=args.checkpoint_dir, resume=args.resume)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}
@@ -386,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", metavar="FILE",
                    help="write the per-layer report (bits, axis, errors; JSON) of the last run")
     q.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    q.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
+                   help="keep this fraction of each linear's weights (largest |w|) in 16 bits as a "
+                        "sparse side matrix, e.g. 0.005 (default 0: none)")
+    q.add_argument("--lorc-rank", type=int, default=0, metavar="R",
+                   help="add a rank-R low-rank correction of the quantisation error (LoRC, "
+                        "activation-weighted SVD) to each linear (default 0: none)")
+    q.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save a checkpoint after every block to DIR (atomic writes)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run checkpointed in --checkpoint-dir")
     return p
 
 

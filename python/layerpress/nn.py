@@ -1,6 +1,7 @@
 """Modules that run on the layerpress kernels."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -10,6 +11,65 @@ from . import ops
 from .spec import Layout, QuantSpec
 
 _CANONICAL_KEYS = ("qweight", "scales", "zeros")
+#: Optional 16-bit side paths (docs/format.md §8): outliers as a sparse matrix ``S [N, K]`` given by
+#: flat row-major indices ``n·K + k`` (int32, strictly increasing) and values; LoRC factors
+#: ``A [r, K]``, ``B [N, r]``. Forward: ``y = x·dequant(W)ᵀ + x·Sᵀ + (x·Aᵀ)·Bᵀ + b``.
+_SIDE_KEYS = ("outlier_idx", "outlier_val", "lorc_a", "lorc_b")
+SIDE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# runtime CSR forms of S and Sᵀ (derived from outlier_idx/outlier_val, not saved)
+_CSR_KEYS = ("_csr_crow", "_csr_col", "_csr_val", "_csr_t_crow", "_csr_t_col", "_csr_t_val")
+
+
+# ---- sparse side path: x · Sᵀ with S in CSR, as an opaque op (torch.compile traces it whole) -------
+
+@torch.library.custom_op("layerpress_side::csr_matmul_t", mutates_args=())
+def _csr_matmul_t(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                  t_crow: torch.Tensor, t_col: torch.Tensor, t_val: torch.Tensor,
+                  n: int) -> torch.Tensor:
+    """``x [M, K] · Sᵀ`` -> ``[M, n]`` for ``S [n, K]`` in CSR (``crow``, ``col``, ``val``); the
+    ``t_*`` tensors hold ``Sᵀ`` in CSR, used only by the backward. fp32 in and out."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" (once per process)
+        warnings.simplefilter("ignore", UserWarning)
+        s = torch.sparse_csr_tensor(crow, col, val.to(x.dtype), (n, x.shape[1]), check_invariants=False)
+    # S · xᵀ runs the sparse kernel once over the nonzeros (MKL / cuSPARSE); a gather + index_add
+    # formulation materialises [M, nnz] and was 5-40x slower at M >= 16.
+    return torch.sparse.mm(s, x.t()).t().contiguous()
+
+
+@_csr_matmul_t.register_fake
+def _(x, crow, col, val, t_crow, t_col, t_val, n):
+    return x.new_empty((x.shape[0], n))
+
+
+def _csr_setup_context(ctx, inputs, output):
+    x, crow, col, val, t_crow, t_col, t_val, n = inputs
+    ctx.save_for_backward(crow, col, val, t_crow, t_col, t_val)
+    ctx.k = x.shape[1]
+
+
+def _csr_backward(ctx, grad):
+    crow, col, val, t_crow, t_col, t_val = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:  # d(x·Sᵀ)/dx applied to grad: grad · S = grad · (Sᵀ)ᵀ
+        gx = _csr_matmul_t(grad.contiguous(), t_crow, t_col, t_val, crow, col, val, ctx.k)
+    return gx, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("layerpress_side::csr_matmul_t", _csr_backward,
+                                setup_context=_csr_setup_context)
+
+
+def _csr_from_flat(idx: torch.Tensor, val: torch.Tensor, n: int, k: int, transpose: bool):
+    """CSR (crow int32 [rows+1], col int32, val) of S [n, k] (or of Sᵀ) from sorted flat indices."""
+    r, c = idx.long() // k, idx.long() % k
+    if transpose:
+        order = torch.argsort(c * n + r)
+        r, c, val = c[order], r[order], val[order]
+        n = k
+    counts = torch.bincount(r, minlength=n)
+    crow = torch.zeros(n + 1, dtype=torch.int32, device=idx.device)
+    crow[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return crow, c.to(torch.int32).contiguous(), val.contiguous()
 
 
 def layout_for(device: torch.device) -> Layout:
@@ -26,10 +86,19 @@ class QuantLinear(nn.Module):
     ``[N, K*bits/32]``, ``scales``, ``zeros`` uint8 when asymmetric), so checkpoints do not depend
     on the device. The weight is frozen; gradients flow to the input (and the bias), so the
     layer can sit inside a model being fine-tuned (e.g. under LoRA adapters).
+
+    Optional side paths in ``side_dtype`` (16-bit by default; docs/format.md §8), set with
+    :meth:`set_side_paths` or sized by the constructor for loading: ``outliers`` weights kept as
+    a sparse matrix ``S`` (buffers ``outlier_idx`` int32 flat indices ``n·K + k``, strictly
+    increasing, and ``outlier_val``) and a rank-``lorc_rank`` correction ``B·A`` (``lorc_a``
+    ``[r, K]``, ``lorc_b`` ``[N, r]``): ``y = x·dequant(W)ᵀ + x·Sᵀ + (x·Aᵀ)·Bᵀ + b``, the side
+    terms computed in fp32 on the layer's input ``x`` as given (before any ``in_perm``). They
+    are frozen like the weight; the input gradient includes them.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec = QuantSpec(),
-                 bias: bool = True, device=None, dtype: Optional[torch.dtype] = None):
+                 bias: bool = True, device=None, dtype: Optional[torch.dtype] = None,
+                 outliers: int = 0, lorc_rank: int = 0, side_dtype: torch.dtype = torch.float16):
         super().__init__()
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -54,6 +123,21 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
         else:
             self.register_parameter("bias", None)
+        for key in _SIDE_KEYS + _CSR_KEYS:
+            self.register_buffer(key, None, persistent=False)
+        self.side_dtype = side_dtype
+        if outliers or lorc_rank:  # placeholders of the right shapes (valid, all-zero), e.g. for loading
+            if isinstance(outliers, bool) or not isinstance(outliers, int) or not 0 <= outliers <= in_features * out_features:
+                raise ValueError(f"outliers must be a count in [0, {in_features * out_features}], got {outliers!r}")
+            if isinstance(lorc_rank, bool) or not isinstance(lorc_rank, int) or not 0 <= lorc_rank <= min(in_features, out_features):
+                raise ValueError(f"lorc_rank must be in [0, min(in_features, out_features) = "
+                                 f"{min(in_features, out_features)}], got {lorc_rank!r}")
+            zf = dict(dtype=side_dtype, device=device)
+            self.set_side_paths(
+                torch.arange(outliers, dtype=torch.int32, device=device) if outliers else None,
+                torch.zeros(outliers, **zf) if outliers else None,
+                torch.zeros(lorc_rank, in_features, **zf) if lorc_rank else None,
+                torch.zeros(out_features, lorc_rank, **zf) if lorc_rank else None)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -73,7 +157,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qweight, scales, zeros, spec: QuantSpec, bias=None,
-                       in_perm=None) -> "QuantLinear":
+                       in_perm=None, *, outlier_idx=None, outlier_val=None, lorc_a=None,
+                       lorc_b=None) -> "QuantLinear":
         """From canonical tensors (e.g. produced by a calibrated quantiser). ``in_perm`` (integer
         ``[K]``, a permutation): the stored weight's input channels are ``x[..., in_perm]``."""
         n = qweight.shape[0]
@@ -84,7 +169,108 @@ class QuantLinear(nn.Module):
         mod.set_in_perm(in_perm)
         if bias is not None:
             mod.bias.data.copy_(bias)
+        if any(t is not None for t in (outlier_idx, outlier_val, lorc_a, lorc_b)):  # side paths
+            mod.set_side_paths(outlier_idx, outlier_val, lorc_a, lorc_b)
         return mod
+
+    # ---- side paths ------------------------------------------------------------------------------
+    def _check_side(self, idx, val, a, b, where: str = ""):
+        n, k = self.out_features, self.in_features
+        if (idx is None) != (val is None):
+            raise ValueError(f"{where}outlier_idx and outlier_val must be given together")
+        if (a is None) != (b is None):
+            raise ValueError(f"{where}lorc_a and lorc_b must be given together")
+        dtypes = {t.dtype for t in (val, a, b) if t is not None}
+        if len(dtypes) > 1:
+            raise ValueError(f"{where}side-path tensors must share one dtype, got {sorted(map(str, dtypes))}")
+        if dtypes and next(iter(dtypes)) not in SIDE_DTYPES:
+            raise ValueError(f"{where}side-path dtype must be one of {[str(d) for d in SIDE_DTYPES]}, "
+                             f"got {next(iter(dtypes))}")
+        if idx is not None:
+            if idx.dtype != torch.int32 or idx.dim() != 1:
+                raise ValueError(f"{where}outlier_idx: expected int32 [nnz], got {idx.dtype} {list(idx.shape)}")
+            if val.dim() != 1 or val.shape[0] != idx.shape[0]:
+                raise ValueError(f"{where}outlier_val: expected [{idx.shape[0]}] (one value per "
+                                 f"index), got {list(val.shape)}")
+            if idx.numel():
+                if int(idx.min()) < 0 or int(idx.max()) >= n * k:
+                    raise ValueError(f"{where}outlier_idx: flat indices n*K + k must lie in "
+                                     f"[0, {n * k}), got [{int(idx.min())}, {int(idx.max())}]")
+                if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                    raise ValueError(f"{where}outlier_idx must be strictly increasing (sorted, no duplicates)")
+            if not bool(torch.isfinite(val).all()):
+                raise ValueError(f"{where}outlier_val holds NaN or Inf")
+        if a is not None:
+            r = a.shape[0] if a.dim() == 2 else -1
+            if a.dim() != 2 or a.shape[1] != k or not 1 <= r <= min(n, k):
+                raise ValueError(f"{where}lorc_a: expected [r, {k}] with 1 <= r <= {min(n, k)}, got {list(a.shape)}")
+            if tuple(b.shape) != (n, r):
+                raise ValueError(f"{where}lorc_b: expected [{n}, {r}], got {list(b.shape)}")
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"{where}lorc_a/lorc_b hold NaN or Inf")
+
+    def set_side_paths(self, outlier_idx=None, outlier_val=None, lorc_a=None, lorc_b=None) -> None:
+        """Sets (or, with all None, removes) the side paths. ``outlier_idx`` int32 ``[nnz]``:
+        flat indices ``n·K + k`` (in the order of the layer's input ``x``), strictly increasing;
+        ``outlier_val`` ``[nnz]``; ``lorc_a`` ``[r, K]``, ``lorc_b`` ``[N, r]``; all float
+        tensors of one dtype in ``SIDE_DTYPES``. An empty outlier set is stored as none."""
+        self._check_side(outlier_idx, outlier_val, lorc_a, lorc_b)
+        device = self.qweight.device
+        if outlier_idx is not None and outlier_idx.numel() == 0:
+            outlier_idx = outlier_val = None
+        mv = lambda t: None if t is None else t.detach().to(device).contiguous()  # noqa: E731
+        self.outlier_idx, self.outlier_val = mv(outlier_idx), mv(outlier_val)
+        self.lorc_a, self.lorc_b = mv(lorc_a), mv(lorc_b)
+        for t in (outlier_val, lorc_a):
+            if t is not None:
+                self.side_dtype = t.dtype
+        if self.outlier_idx is None:
+            csr = (None,) * len(_CSR_KEYS)
+        else:
+            n, k = self.out_features, self.in_features
+            csr = (_csr_from_flat(self.outlier_idx, self.outlier_val, n, k, False)
+                   + _csr_from_flat(self.outlier_idx, self.outlier_val, n, k, True))
+        for key, t in zip(_CSR_KEYS, csr):
+            setattr(self, key, t)
+
+    @property
+    def outlier_count(self) -> int:
+        return 0 if self.outlier_idx is None else int(self.outlier_idx.numel())
+
+    @property
+    def lorc_rank(self) -> int:
+        return 0 if self.lorc_a is None else int(self.lorc_a.shape[0])
+
+    def side_config(self) -> dict:
+        """What a saved config records about the side paths (empty when there are none)."""
+        if not (self.outlier_count or self.lorc_rank):
+            return {}
+        return {"outliers": self.outlier_count, "lorc_rank": self.lorc_rank,
+                "side_dtype": str(self.side_dtype).replace("torch.", "")}
+
+    def effective_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """``dequant(W) + S + B·A`` as a dense ``[N, K]`` tensor (computed in fp32): what the
+        layer multiplies its input by."""
+        w = self.dequantized_weight(torch.float32)
+        if self.outlier_idx is not None:
+            w.view(-1).index_add_(0, self.outlier_idx.long(), self.outlier_val.float())
+        if self.lorc_a is not None:
+            w += self.lorc_b.float() @ self.lorc_a.float()
+        return w.to(dtype)
+
+    def storage_bits(self) -> int:
+        """Total bits stored for the weight: packed codes, scales, zeros and side paths (not the
+        bias, nor an input permutation), as in the canonical state dict."""
+        total = self.out_features * self.in_features * self.spec.bits
+        for t in list(self.canonical()[1:]) + [getattr(self, k) for k in _SIDE_KEYS]:
+            if t is not None:
+                total += t.numel() * t.element_size() * 8
+        return total
+
+    def effective_bits(self) -> float:
+        """:meth:`storage_bits` per weight (``N·K``): e.g. 4.1875 for W4 g128 with fp16 scales,
+        uint8 zeros and no side paths; outliers add 48 bits each (int32 index + fp16 value)."""
+        return self.storage_bits() / (self.out_features * self.in_features)
 
     def set_in_perm(self, in_perm) -> None:
         """Sets (or, with None, clears) the input permutation; checks it is a permutation of K."""
@@ -145,18 +331,22 @@ class QuantLinear(nn.Module):
         if device != self.qweight.device:
             q, s, z = self.canonical()
             self._set_canonical(q.to(device), s.to(device), None if z is None else z.to(device))
-        # The scales keep the spec's dtype whatever fn casts floating tensors to (e.g. .half()).
-        scales = self._buffers.pop("scales")
+            if self.outlier_idx is not None or self.lorc_a is not None:
+                self.set_side_paths(*[getattr(self, k) for k in _SIDE_KEYS])  # moved to device
+        # The scales (and the side paths) keep their dtype whatever fn casts floating tensors to
+        # (e.g. .half()).
+        kept = {k: self._buffers.pop(k) for k in ("scales",) + _SIDE_KEYS + _CSR_KEYS}
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["scales"] = scales
+            self._buffers.update(kept)
         return self
 
     # ---- state dict: always canonical ------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, t in zip(_CANONICAL_KEYS, self.canonical()):
+        side = [getattr(self, k) for k in _SIDE_KEYS]
+        for key, t in zip(_CANONICAL_KEYS + _SIDE_KEYS, list(self.canonical()) + side):
             if t is not None:
                 destination[prefix + key] = t if keep_vars else t.detach()
         if self.in_perm is not None:
@@ -169,6 +359,7 @@ class QuantLinear(nn.Module):
         for key in _CANONICAL_KEYS + ("in_perm",):
             if prefix + key in unexpected_keys:
                 unexpected_keys.remove(prefix + key)
+        self._load_side(state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
         present = {k: state_dict.get(prefix + k) for k in _CANONICAL_KEYS}
         needed = ["qweight", "scales"] + ([] if self.spec.symmetric else ["zeros"])
         missing = [prefix + k for k in needed if present[k] is None]
@@ -188,8 +379,54 @@ class QuantLinear(nn.Module):
         except ValueError as e:
             error_msgs.append(f"{prefix}: {e} (spec {self.spec.to_dict()})")
 
+    def _load_side(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+        """Side-path tensors must be exactly those this layer was built for (count, rank, dtype):
+        a mismatch is an error, never a silent resize or cast."""
+        for key in _SIDE_KEYS:
+            if prefix + key in unexpected_keys:
+                unexpected_keys.remove(prefix + key)
+        mine = {k: getattr(self, k) for k in _SIDE_KEYS}
+        given = {k: state_dict.get(prefix + k) for k in _SIDE_KEYS}
+        ok = True
+        for k in _SIDE_KEYS:
+            if mine[k] is not None and given[k] is None:
+                missing_keys.append(prefix + k)
+                ok = False
+            elif mine[k] is None and given[k] is not None:
+                unexpected_keys.append(prefix + k)
+                ok = False
+            elif mine[k] is not None and (mine[k].dtype != given[k].dtype or mine[k].shape != given[k].shape):
+                error_msgs.append(f"{prefix}{k}: expected {mine[k].dtype} {list(mine[k].shape)} "
+                                  f"(outliers={self.outlier_count}, lorc_rank={self.lorc_rank}), "
+                                  f"got {given[k].dtype} {list(given[k].shape)}")
+                ok = False
+        if not ok or all(mine[k] is None for k in _SIDE_KEYS):
+            return
+        try:
+            self.set_side_paths(*[given[k] for k in _SIDE_KEYS])
+        except ValueError as e:
+            error_msgs.append(f"{prefix}: {e}")
+
     # ---- compute ---------------------------------------------------------------------------------
+    def _side(self, x: torch.Tensor) -> torch.Tensor:
+        """``x·Sᵀ + (x·Aᵀ)·Bᵀ`` in fp32, ``[M, N]`` for ``x [..., K]``."""
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        side = None
+        if self.outlier_idx is not None:
+            side = _csr_matmul_t(x2, self._csr_crow, self._csr_col, self._csr_val,
+                                 self._csr_t_crow, self._csr_t_col, self._csr_t_val, self.out_features)
+        if self.lorc_a is not None:
+            low = (x2 @ self.lorc_a.float().t()) @ self.lorc_b.float().t()
+            side = low if side is None else side + low
+        return side
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outlier_idx is not None or self.lorc_a is not None:
+            y = self._forward_main(x)
+            return (y.float() + self._side(x).reshape(y.shape)).to(y.dtype)
+        return self._forward_main(x)
+
+    def _forward_main(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
@@ -205,7 +442,12 @@ class QuantLinear(nn.Module):
                 f"group_size={g}, axis={s.axis}, symmetric={s.symmetric}, "
                 f"scale_dtype={str(s.scale_dtype).replace('torch.', '')}, bias={self.bias is not None}, "
                 f"layout={self.layout.name.lower()}"
-                + (", in_perm=True" if self.in_perm is not None else ""))
+                + (", in_perm=True" if self.in_perm is not None else "")
+                + (f", outliers={self.outlier_count} "
+                   f"({100 * self.outlier_count / (self.in_features * self.out_features):.2f}%)"
+                   if self.outlier_count else "")
+                + (f", lorc_rank={self.lorc_rank}" if self.lorc_rank else "")
+                + (f", side_dtype={str(self.side_dtype).replace('torch.', '')}" if self.side_config() else ""))
 
 
 def quantize_linear(linear: nn.Linear, spec: QuantSpec = QuantSpec()) -> QuantLinear:

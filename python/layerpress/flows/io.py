@@ -7,7 +7,9 @@ A saved directory holds
 * ``config.json`` -- the model's Hugging Face config plus ``quantization_config``:
   ``{"quant_method": "layerpress", "format_version": 1, "model_class": ..., "layers": {name:
   {"in_features", "out_features", "bias", "conv1d", "spec": QuantSpec.to_dict()}},
-  "aliases": {dropped key: stored key}}``.
+  "aliases": {dropped key: stored key}}``. A layer with side paths (outliers, LoRC; docs/format.md
+  §8) adds ``"outliers": nnz, "lorc_rank": r, "side_dtype": "float16"``; the tensors must match
+  them exactly.
 
 Writing is atomic: everything goes to a temporary directory beside the target, which is then
 renamed into place. :func:`load_quantized` rebuilds the original model class from the saved
@@ -26,15 +28,25 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..nn import QuantLinear
+from ..nn import SIDE_DTYPES, QuantLinear
 from ..spec import QuantSpec
 from .models import get_submodule, is_conv1d
 
-__all__ = ["save_quantized", "load_quantized", "quantization_config", "FORMAT_VERSION"]
+__all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_entry",
+           "swap_in_quantlinears", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+
+def layer_entry(m: QuantLinear) -> dict:
+    """The config entry of one ``QuantLinear`` (what :func:`swap_in_quantlinears` rebuilds)."""
+    entry = {"in_features": m.in_features, "out_features": m.out_features,
+             "bias": m.bias is not None, "conv1d": bool(getattr(m, "_lp_conv1d", False)),
+             "spec": m.spec.to_dict()}
+    entry.update(m.side_config())
+    return entry
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -42,9 +54,7 @@ def quantization_config(model: nn.Module) -> dict:
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            layers[name] = {"in_features": m.in_features, "out_features": m.out_features,
-                            "bias": m.bias is not None, "conv1d": bool(getattr(m, "_lp_conv1d", False)),
-                            "spec": m.spec.to_dict()}
+            layers[name] = layer_entry(m)
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantise it first")
     return {"quant_method": "layerpress", "format_version": FORMAT_VERSION,
@@ -136,6 +146,25 @@ def _build_model(cfg: dict) -> nn.Module:
     return cls(config)
 
 
+def _side_args(name: str, info: dict) -> dict:
+    """QuantLinear constructor arguments for the side paths recorded in a layer entry."""
+    try:
+        outliers, rank = int(info.get("outliers", 0)), int(info.get("lorc_rank", 0))
+        dt = getattr(torch, str(info.get("side_dtype", "float16")))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"quantization_config.layers[{name!r}]: invalid side paths: {e}") from None
+    if dt not in SIDE_DTYPES:
+        raise ValueError(f"quantization_config.layers[{name!r}]: side_dtype {info.get('side_dtype')!r} "
+                         f"is not one of {[str(d).replace('torch.', '') for d in SIDE_DTYPES]}")
+    return {"outliers": outliers, "lorc_rank": rank, "side_dtype": dt}
+
+
+def swap_in_quantlinears(model: nn.Module, layers: dict) -> None:
+    """Replaces the linears named in ``layers`` (config entries, :func:`layer_entry`) by empty
+    ``QuantLinear`` modules of those specs and side-path sizes, ready for ``load_state_dict``."""
+    _swap_in(model, layers)
+
+
 def _swap_in(model: nn.Module, layers: dict) -> None:
     for name, info in layers.items():
         try:
@@ -143,14 +172,16 @@ def _swap_in(model: nn.Module, layers: dict) -> None:
             k, n, bias = int(info["in_features"]), int(info["out_features"]), bool(info["bias"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"quantization_config.layers[{name!r}] is invalid: {e}") from None
+        side = _side_args(name, info)
         try:
             old = get_submodule(model, name)
         except AttributeError:
             raise ValueError(f"quantization_config names layer {name!r}, which the model does not "
                              "have") from None
         if isinstance(old, QuantLinear):
-            if old.spec != spec or (old.in_features, old.out_features) != (k, n):
-                raise ValueError(f"{name}: already a QuantLinear with a different spec/shape")
+            if (old.spec != spec or (old.in_features, old.out_features) != (k, n)
+                    or (old.outlier_count, old.lorc_rank) != (side["outliers"], side["lorc_rank"])):
+                raise ValueError(f"{name}: already a QuantLinear with a different spec/shape/side paths")
             continue
         if not (isinstance(old, nn.Linear) or is_conv1d(old)):
             raise ValueError(f"{name}: expected a linear, found {type(old).__name__}")
@@ -158,7 +189,10 @@ def _swap_in(model: nn.Module, layers: dict) -> None:
         ok_, on_ = (w.shape[1], w.shape[0]) if isinstance(old, nn.Linear) else (w.shape[0], w.shape[1])
         if (ok_, on_) != (k, n):
             raise ValueError(f"{name}: config says [{n}, {k}] but the model's layer is [{on_}, {ok_}]")
-        new = QuantLinear(k, n, spec, bias=bias, device=w.device, dtype=w.dtype)
+        try:
+            new = QuantLinear(k, n, spec, bias=bias, device=w.device, dtype=w.dtype, **side)
+        except ValueError as e:
+            raise ValueError(f"quantization_config.layers[{name!r}]: {e}") from None
         new._lp_conv1d = is_conv1d(old)
         parent, _, child = name.rpartition(".")
         setattr(get_submodule(model, parent), child, new)

@@ -34,6 +34,7 @@ from .calibration import (capture_block_inputs, default_texts, load_texts, run_b
 from .importance import importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
 from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
+from .side_paths import check_side_args, quantise_with_side_paths
 
 __all__ = ["quantize_model", "QuantReport", "LayerReport", "calibration_ids"]
 
@@ -145,9 +146,21 @@ def _quantise(w, spec, method, H, act_order) -> QuantResult:
     return gptq(w, H, spec, act_order=act_order)
 
 
+def _quantise_side(w, spec, method, H, act_order, side: dict) -> QuantResult:
+    """:func:`_quantise` plus the optional side paths (outliers, LoRC: flows/side_paths.py);
+    the result's ``weight`` is then the effective weight."""
+    return quantise_with_side_paths(w, spec, lambda w_, s_: _quantise(w_, s_, method, H, act_order),
+                                    H, **side)
+
+
 def _quad(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Σ_i d_i H d_iᵀ = ||X Dᵀ||² for H = XᵀX (rows d_i of D)."""
     return ((D @ H) * D).sum()
+
+
+def _ids_fingerprint(ids: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(ids.detach().cpu().long().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _bytes(t) -> int:
@@ -163,12 +176,24 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    high_bits: Optional[int] = None, low_bits: Optional[int] = None,
                    seed: int = 0, adapter: Optional[ModelAdapter] = None,
                    verbose: bool = False, threads: Optional[int] = None,
-                   select_with: str = "applied") -> QuantReport:
+                   select_with: str = "applied", outliers: float = 0.0, lorc_rank: int = 0,
+                   outlier_criterion: str = "magnitude", side_dtype: torch.dtype = torch.float16,
+                   checkpoint_dir=None, resume: bool = False,
+                   on_block_done=None) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
     ``"rtn"`` chooses the axis with RTN and then runs ``method`` on it (the AdaDim paper's recipe
-    for GPTQ, half the GPTQ work)."""
+    for GPTQ, half the GPTQ work).
+
+    Side paths (flows/side_paths.py): ``outliers`` (fraction in [0, 1) of each layer's weights
+    kept in ``side_dtype``, chosen by ``outlier_criterion``) and ``lorc_rank`` (rank of the
+    activation-weighted low-rank correction, 0 = none). Checkpoints (flows/checkpoint.py):
+    ``checkpoint_dir`` saves every finished block; ``resume=True`` continues a run interrupted
+    there (same arguments, model and calibration data, else an error). ``on_block_done(i)`` is
+    called after block ``i`` is finished (and checkpointed)."""
+    run_args = dict(locals())  # every argument, recorded by a checkpoint manifest
+    check_side_args(outliers, lorc_rank, side_dtype, outlier_criterion)
     if select_with not in ("applied", "rtn"):
         raise ValueError(f"select_with must be 'applied' or 'rtn', got {select_with!r}")
     old = torch.get_num_threads()
@@ -177,7 +202,10 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     try:
         return _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
                                n_samples, seq_len, batch_size, device, symmetric, scale_dtype,
-                               act_order, high_bits, low_bits, seed, adapter, verbose, select_with)
+                               act_order, high_bits, low_bits, seed, adapter, verbose, select_with,
+                               side=dict(outliers=outliers, lorc_rank=lorc_rank, side_dtype=side_dtype,
+                                         criterion=outlier_criterion),
+                               ckpt_args=(checkpoint_dir, resume, on_block_done, run_args))
     finally:
         torch.set_num_threads(old)
 
@@ -185,7 +213,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
 @torch.no_grad()
 def _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
                     n_samples, seq_len, batch_size, device, symmetric, scale_dtype, act_order,
-                    high_bits, low_bits, seed, adapter, verbose, select_with) -> QuantReport:
+                    high_bits, low_bits, seed, adapter, verbose, select_with, side=None,
+                    ckpt_args=(None, False, None, None)) -> QuantReport:
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -223,7 +252,27 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
     inputs = capture_block_inputs(model, ids, adapter, batch_size, device)
     layers: List[LayerReport] = []
     orig_bytes = quant_bytes = 0
+    side = side or {}
+    checkpoint_dir, resume, on_block_done, run_args = ckpt_args
+    ckpt, start = None, 0
+    if checkpoint_dir is not None:  # per-block checkpoints (flows/checkpoint.py)
+        from .checkpoint import BlockCheckpoints, model_fingerprint, run_arguments
+        ckpt = BlockCheckpoints(checkpoint_dir, run_arguments(run_args or {}), model_fingerprint(model),
+                                _ids_fingerprint(ids), len(blocks), block_bits)
+        start, hidden, done = ckpt.begin(resume)
+        for entry in done:
+            ckpt.restore_block(blocks[entry["block"]], entry)
+            layers += [LayerReport(**r) for r in entry["reports"]]
+            orig_bytes += entry["extra"]["original_bytes"]
+            quant_bytes += entry["extra"]["quantized_bytes"]
+        if hidden is not None:
+            inputs.hidden = hidden
+        if verbose and start:
+            print(f"  resumed from {checkpoint_dir}: blocks 0..{start - 1} restored")
     for bi, block in enumerate(blocks):
+        if bi < start:
+            continue
+        block_layers0, block_bytes0 = len(layers), (orig_bytes, quant_bytes)
         home = next(block.parameters()).device
         dev = torch.device(device) if device is not None else home
         block.to(dev)
@@ -256,7 +305,7 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             H = hess[name].hessian()
             specs = _candidate_specs(axis, block_bits[bi], group_size, symmetric, scale_dtype, n, k)
             sel = method if select_with == "applied" else "rtn"
-            results = {s.axis: _quantise(W, s, sel, H, act_order) for s in specs}
+            results = {s.axis: _quantise_side(W, s, sel, H, act_order, side) for s in specs}
             point = adapter.measure_point(name)
             mse = {}
             if len(results) > 1:
@@ -283,7 +332,7 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
                 best = next(iter(results))
             res = results[best]
             if sel != method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
-                res = _quantise(W, res.spec, method, H, act_order)
+                res = _quantise_side(W, res.spec, method, H, act_order, side)
             num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
             den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
             rel = (num / den).item()
@@ -296,14 +345,26 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
         for name, res in chosen.items():
             m = lins[name]
             bias = None if getattr(m, "bias", None) is None else m.bias.detach()
-            q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias)
+            side_paths = getattr(res, "side", None)
+            q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias,
+                                           **(side_paths.kwargs() if side_paths else {}))
             q._lp_conv1d = is_conv1d(m)  # recorded in the saved config
             orig_bytes += _bytes(m.weight)
             quant_bytes += _bytes(res.qweight) + _bytes(res.scales) + _bytes(res.zeros)
+            quant_bytes += side_paths.nbytes() if side_paths else 0
             _set_module(block, name, q)
         del hess, cap
         inputs.hidden = run_block(block, inputs, dev)
         block.to(home)
+        if ckpt is not None:
+            ckpt.save_block(bi, block, [asdict(r) for r in layers[block_layers0:]],
+                            {"original_bytes": orig_bytes - block_bytes0[0],
+                             "quantized_bytes": quant_bytes - block_bytes0[1]},
+                            inputs.hidden if bi + 1 < len(blocks) else None)
+        if on_block_done is not None:
+            on_block_done(bi)
+    if ckpt is not None:
+        ckpt.finish()
     model.train(was_training)
     return QuantReport(
         model_type=adapter.config.model_type, method=method, bits_target=float(bits),
