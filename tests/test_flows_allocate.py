@@ -3,6 +3,8 @@ the per-layer error measurement against an independent computation."""
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -124,3 +126,65 @@ def test_measure_layer_errors_reference(torch_single_thread):
                 errs.append(((X @ (W - Wq).t()) ** 2).sum().item() / X.shape[0])
             assert table[bits] == pytest.approx(min(errs), rel=1e-4)
         assert table[2] > table[4] > 0
+
+
+# ---- in the flow: quantize_model(allocation="knapsack"), effective bits, report --------------------
+
+def test_quantize_model_knapsack_and_effective_bits(torch_single_thread):
+    from layerpress.flows import quantize_model
+    from layerpress.flows.report import block_table, layer_table, quantized_layers
+    model = tiny_model("llama", layers=2)
+    ids = calib_ids(4, 16)
+    names, params, errors = measure_layer_errors(model, ids, widths=(2, 3, 4), group_size=32)
+    want = allocate_knapsack(params, errors, 3.25, widths=(2, 3, 4))
+    rep = quantize_model(model, bits=3.25, group_size=32, method="rtn", calib=ids,
+                         allocation="knapsack", widths=(2, 3, 4))
+    got = {name: m.spec.bits for name, m in quantized_layers(model)}
+    assert got == dict(zip(names, want.bits)) == {lay.name: lay.bits for lay in rep.layers}
+    assert rep.allocation == "knapsack" and rep.average_bits == pytest.approx(want.average)
+    assert sum(b * p for b, p in zip(want.bits, params)) <= Fraction(3.25) * sum(params)
+    assert len(set(want.bits)) > 1  # really mixed
+    # effective bits: codes + fp16 scale + uint8 zero per group of 32 (asymmetric default)
+    for lay in rep.layers:
+        assert lay.effective_bits == pytest.approx(lay.bits + (16 + 8) / 32)
+    w = [lay.in_features * lay.out_features for lay in rep.layers]
+    assert rep.effective_bits == pytest.approx(
+        sum((lay.bits + 0.75) * n for lay, n in zip(rep.layers, w)) / sum(w))
+    assert "effective" in rep.summary() and "knapsack" in rep.summary()
+    table = layer_table(rep)
+    assert rep.layers[0].name in table and f"{rep.effective_bits:.3f} effective" in table
+    assert "score (lim)" in block_table(rep)
+    with pytest.raises(ValueError, match="bits=1.5 is unreachable"):
+        quantize_model(tiny_model("llama"), bits=1.5, calib=ids, method="rtn", allocation="knapsack")
+    with pytest.raises(ValueError, match="allocation must be"):
+        quantize_model(tiny_model("llama"), bits=3.5, calib=ids, method="rtn", allocation="greedy")
+
+
+def test_quantize_model_hessian_importance(torch_single_thread):
+    from layerpress.flows import quantize_model
+    from layerpress.flows.importance import hessian_scores, importance_order
+    ids = calib_ids(2, 12)
+    scores = hessian_scores(tiny_model("opt", layers=3), ids, batch_size=8)
+    rep = quantize_model(tiny_model("opt", layers=3), bits=3.5, method="rtn", calib=ids,
+                         importance="hessian", group_size=32)
+    assert rep.importance == "hessian" and rep.block_scores == pytest.approx(scores)
+    order = importance_order(scores, "hessian")
+    assert rep.demoted == order[:len(rep.demoted)] and rep.average_bits <= 3.5
+
+
+def test_plots(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from layerpress.flows import quantize_model
+    from layerpress.flows.report import PlotsUnavailable, plot_report
+    rep = quantize_model(tiny_model("opt", layers=2), bits=3.5, method="rtn", calib=calib_ids(2, 12),
+                         importance="zd", group_size=32)
+    paths = plot_report(rep, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["bits.png", "scores.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert sorted(os.listdir(tmp_path / "plots")) == ["bits.png", "scores.png"]  # no temp files
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(PlotsUnavailable, match="pip install matplotlib"):
+        plot_report(rep, tmp_path / "none")

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from ..nn import QuantLinear
-from ..spec import QuantSpec
-from .allocate import allocate_bits
+from ..spec import BITS, QuantSpec
+from .allocate import allocate_bits, allocate_knapsack, measure_layer_errors
 from .calibration import (capture_block_inputs, default_texts, load_texts, run_block,
                           tokenize_texts)
-from .importance import importance_order, lim_scores, zd_scores
+from .importance import hessian_scores, importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
 from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
 from .side_paths import check_side_args, quantise_with_side_paths
@@ -55,6 +55,7 @@ class LayerReport:
     rel_error: float          # ||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ|| on the calibration inputs
     axis_mse: Dict[str, float] = field(default_factory=dict)  # AdaDim: MSE at the measurement point
     measure_point: str = ""
+    effective_bits: float = 0.0  # stored bits (codes, scales, zeros, side paths) per weight
 
 
 @dataclass
@@ -76,6 +77,8 @@ class QuantReport:
     quantized_params: int
     original_bytes: int = 0   # bytes of the replaced float weights
     quantized_bytes: int = 0  # bytes of qweight + scales + zeros
+    effective_bits: float = 0.0  # parameter-weighted average of the layers' effective bits
+    allocation: str = "order"    # "order" (demote by importance) or "knapsack"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +88,8 @@ class QuantReport:
         for layer in self.layers:
             axes[layer.axis] = axes.get(layer.axis, 0) + 1
         return (f"{self.model_type}: {len(self.layers)} linears, {self.method}, "
-                f"avg {self.average_bits:.3f} bits (target {self.bits_target}), g{self.group_size}, "
+                f"avg {self.average_bits:.3f} code bits (target {self.bits_target}, "
+                f"{self.allocation}), {self.effective_bits:.3f} effective, g{self.group_size}, "
                 f"axes {axes}, {self.time_s:.1f} s")
 
 
@@ -163,6 +167,16 @@ def _ids_fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.detach().cpu().long().contiguous().numpy().tobytes()).hexdigest()
 
 
+def _importance_scores(importance, model, ids, adapter, batch_size, device, seed) -> List[float]:
+    if importance == "lim":
+        return lim_scores(model, ids, adapter, batch_size, device)
+    if importance == "zd":
+        return zd_scores(model, adapter)
+    if importance == "hessian":
+        return hessian_scores(model, ids, adapter, batch_size=batch_size, device=device, seed=seed)
+    raise ValueError(f"importance must be 'lim', 'zd' or 'hessian', got {importance!r}")
+
+
 def _bytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -179,7 +193,7 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    select_with: str = "applied", outliers: float = 0.0, lorc_rank: int = 0,
                    outlier_criterion: str = "magnitude", side_dtype: torch.dtype = torch.float16,
                    checkpoint_dir=None, resume: bool = False,
-                   on_block_done=None) -> QuantReport:
+                   on_block_done=None, allocation: str = "order", widths=None) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
@@ -191,7 +205,13 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     activation-weighted low-rank correction, 0 = none). Checkpoints (flows/checkpoint.py):
     ``checkpoint_dir`` saves every finished block; ``resume=True`` continues a run interrupted
     there (same arguments, model and calibration data, else an error). ``on_block_done(i)`` is
-    called after block ``i`` is finished (and checkpointed)."""
+    called after block ``i`` is finished (and checkpointed).
+
+    Allocation (flows/allocate.py): ``allocation="order"`` demotes blocks from ``high_bits`` to
+    ``low_bits`` least important first (by ``importance``: ``"lim"``, ``"zd"`` or
+    ``"hessian"``) for a fractional ``bits``; ``"knapsack"`` gives each linear a width from
+    ``widths`` (default 2, 3, 4, 8) minimising the summed measured RTN output error under the
+    average ``bits`` (any target, integer ones included)."""
     run_args = dict(locals())  # every argument, recorded by a checkpoint manifest
     check_side_args(outliers, lorc_rank, side_dtype, outlier_criterion)
     if select_with not in ("applied", "rtn"):
@@ -205,7 +225,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                                act_order, high_bits, low_bits, seed, adapter, verbose, select_with,
                                side=dict(outliers=outliers, lorc_rank=lorc_rank, side_dtype=side_dtype,
                                          criterion=outlier_criterion),
-                               ckpt_args=(checkpoint_dir, resume, on_block_done, run_args))
+                               ckpt_args=(checkpoint_dir, resume, on_block_done, run_args),
+                               alloc_args=(allocation, widths))
     finally:
         torch.set_num_threads(old)
 
@@ -214,7 +235,7 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
 def _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
                     n_samples, seq_len, batch_size, device, symmetric, scale_dtype, act_order,
                     high_bits, low_bits, seed, adapter, verbose, select_with, side=None,
-                    ckpt_args=(None, False, None, None)) -> QuantReport:
+                    ckpt_args=(None, False, None, None), alloc_args=("order", None)) -> QuantReport:
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -231,19 +252,32 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
     # ---- bit allocation ---------------------------------------------------------------------
     linears0 = [adapter.linears(b) for b in blocks]
     params = [sum(weight_oi(m).numel() for m in lins.values()) for lins in linears0]
-    scores, imp = None, None
-    if float(bits).is_integer() and high_bits is None and low_bits is None:
+    scores, imp, layer_bits = None, None, {}
+    allocation, widths = alloc_args
+    if allocation not in ("order", "knapsack"):
+        raise ValueError(f"allocation must be 'order' or 'knapsack', got {allocation!r}")
+    if allocation == "knapsack":
+        imp = importance
+        if importance is not None:  # reported (and plotted); the knapsack uses measured errors
+            scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
+        names, lparams, errs = measure_layer_errors(model, ids, adapter, widths or BITS, group_size,
+                                                    axis, symmetric, scale_dtype, batch_size, device)
+        ks = allocate_knapsack(lparams, errs, float(bits), widths or BITS)
+        layer_bits = dict(zip(names, ks.bits))
+        block_bits = []
+        for bi in range(len(blocks)):
+            mine = [(b, p) for nm, b, p in zip(names, ks.bits, lparams)
+                    if nm.startswith(adapter.block_name(bi) + ".")]
+            same = len({b for b, _ in mine}) == 1
+            block_bits.append(mine[0][0] if same else sum(b * p for b, p in mine) / sum(p for _, p in mine))
+        demoted, average = [], ks.average
+    elif float(bits).is_integer() and high_bits is None and low_bits is None:
         block_bits = [int(bits)] * len(blocks)
         QuantSpec(bits=int(bits))  # validates the width
         demoted, average = [], float(bits)
     else:
         imp = importance
-        if importance == "lim":
-            scores = lim_scores(model, ids, adapter, batch_size, device)
-        elif importance == "zd":
-            scores = zd_scores(model, adapter)
-        else:
-            raise ValueError(f"importance must be 'lim' or 'zd', got {importance!r}")
+        scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
         alloc = allocate_bits(params, importance_order(scores, importance), float(bits),
                               high_bits, low_bits)
         block_bits, demoted, average = alloc.bits, alloc.demoted, alloc.average
@@ -303,7 +337,8 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             n, k = W.shape
             Hraw = hess[name].H.float()  # Σ xxᵀ
             H = hess[name].hessian()
-            specs = _candidate_specs(axis, block_bits[bi], group_size, symmetric, scale_dtype, n, k)
+            width = layer_bits.get(f"{adapter.block_name(bi)}.{name}", block_bits[bi])
+            specs = _candidate_specs(axis, width, group_size, symmetric, scale_dtype, n, k)
             sel = method if select_with == "applied" else "rtn"
             results = {s.axis: _quantise_side(W, s, sel, H, act_order, side) for s in specs}
             point = adapter.measure_point(name)
@@ -366,10 +401,13 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
     if ckpt is not None:
         ckpt.finish()
     model.train(was_training)
+    from .report import fill_effective_bits
+    eff = fill_effective_bits(model, layers)
     return QuantReport(
         model_type=adapter.config.model_type, method=method, bits_target=float(bits),
         group_size=group_size, axis=axis, importance=imp, block_bits=block_bits,
         block_scores=scores, demoted=demoted, average_bits=average, layers=layers,
         n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
         time_s=time.perf_counter() - started, quantized_params=int(sum(params)),
-        original_bytes=orig_bytes, quantized_bytes=quant_bytes)
+        original_bytes=orig_bytes, quantized_bytes=quant_bytes, effective_bits=eff,
+        allocation=allocation)
