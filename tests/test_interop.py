@@ -229,7 +229,8 @@ def test_gptq_export_round_trip_from_rtn(bits):
     for version in (1, 2):
         out = quantlinear_to_gptq(ql, version)
         assert torch.equal(out["qweight"], gptq_qweight(codes, bits))
-        assert torch.equal(out["qzeros"], t(stream_pack(z.t().numpy().astype(np.int64) - (version == 1), bits)))
+        stored = z.t().numpy().astype(np.int64) - (version == 1)
+        assert torch.equal(out["qzeros"], t(stream_pack(stored, bits)))
         again = gptq_to_quantlinear(out["qweight"], out["qzeros"], out["scales"], out["g_idx"], bits, 64,
                                     version, bias=out["bias"])
         for a, b in zip(again.canonical(), ql.canonical()):
@@ -327,8 +328,6 @@ def test_in_perm_state_dict_and_io(tmp_path):
     # layerpress's own save/load carries it
     from layerpress.flows.io import load_quantized, save_quantized
     model = nn.Sequential(ql)
-    model.config = None  # save_quantized uses model.config when present
-    del model.config
     save_quantized(model, tmp_path / "lp")
     again = load_quantized(tmp_path / "lp", model=nn.Sequential(nn.Linear(k, n, bias=False)))
     assert torch.equal(again[0].in_perm, ql.in_perm)
@@ -412,6 +411,8 @@ def write_gptq_checkpoint(path, model, bits, group, act_order_layers, seed=0):
     for k_, v in model.state_dict().items():
         if k_.rpartition(".")[0] not in known:
             tensors[k_] = v.to(torch.float16).contiguous()
+    if model.config.model_type == "llama":  # older checkpoints store it per layer; it is ignored
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
     safetensors_torch.save_file(tensors, str(path / "model.safetensors"))
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
@@ -450,9 +451,9 @@ def test_model_import_from_known_gptq_checkpoint(tmp_path, family):
         for key in ("qweight", "qzeros", "g_idx"):
             orig = safetensors_torch.load_file(str(tmp_path / "gptq" / "model.safetensors"))
             assert torch.equal(a[f"{name}.{key}"], orig[f"{name}.{key}"]), (name, key)
-    from layerpress.flows.io import load_quantized, save_quantized
+    from layerpress.flows.io import save_quantized
     save_quantized(model, tmp_path / "lp")
-    assert torch.equal(logits(load_quantized(tmp_path / "lp"), ids), y)
+    assert torch.equal(logits(load_checkpoint(tmp_path / "lp"), ids), y)
 
 
 def test_model_level_errors(tmp_path):
@@ -492,6 +493,9 @@ def test_model_level_errors(tmp_path):
     with pytest.raises(ValueError, match=r"truncated or corrupt"):
         load_gptq(tmp_path / "g")
     sd = safetensors_torch.load(data)
+    safetensors_torch.save_file({**sd, "model.extra.weight": torch.ones(2)}, str(w))
+    with pytest.raises(ValueError, match=r"tensors the model does not have: \['model\.extra\.weight'\]"):
+        load_gptq(tmp_path / "g")
     del sd["model.norm.weight"]
     safetensors_torch.save_file(sd, str(w))
     with pytest.raises(ValueError, match=r"lacks tensors the model needs: \['model\.norm\.weight'\]"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -173,7 +174,7 @@ class TensorFile:
         else:
             raise FileNotFoundError(f"{model_dir}: no {WEIGHTS} or {WEIGHTS_INDEX}")
         keys = {}
-        for fname, path in files.items():
+        for path in files.values():
             h = self._handle(path)
             for k in h.keys():
                 keys[k] = path
@@ -193,7 +194,8 @@ class TensorFile:
             try:
                 self._handles[path] = self._open(str(path), framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+                raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt?): "
+                                 f"{e}") from None
         return self._handles[path]
 
     def keys(self):
@@ -275,6 +277,27 @@ def linear_shape(model: nn.Module, name: str, where: str):
     raise ValueError(f"{where}: {name} is a {type(m).__name__}, not a linear layer")
 
 
+def _unstored_buffer_tails(model: nn.Module) -> set:
+    """``"<module>.<buffer>"`` of every buffer the model does not save (non-persistent)."""
+    tails = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, QuantLinear):  # its weight buffers are saved, through its own hooks
+            continue
+        for b in m._non_persistent_buffers_set:
+            tails.add(".".join(f"{mname}.{b}".split(".")[-2:]))
+    return tails
+
+
+def _ignorable(model: nn.Module, key: str, unstored: set) -> bool:
+    """A stored tensor the model computes itself: one its class lists in
+    ``_keys_to_ignore_on_load_unexpected``, or a buffer it does not save (e.g. the per-layer
+    ``rotary_emb.inv_freq`` of older Llama checkpoints; transformers ignores those too)."""
+    for pattern in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ():
+        if re.search(pattern, key):
+            return True
+    return ".".join(key.split(".")[-2:]) in unstored
+
+
 def import_model(model_dir, model: Optional[nn.Module], dtype: Optional[torch.dtype],
                  layer_importer: Callable[[str, TensorFile, int, int], tuple]) -> nn.Module:
     """The model-level import shared by AWQ and GPTQ: build (or take) the model, turn every layer
@@ -300,8 +323,9 @@ def import_model(model_dir, model: Optional[nn.Module], dtype: Optional[torch.dt
         used.update(keys)
     rest = {k: tensors.get(k) for k in tensors.keys() if k not in used}
     result = model.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        u = result.unexpected_keys
+    unstored = _unstored_buffer_tails(model) if result.unexpected_keys else set()
+    u = [key for key in result.unexpected_keys if not _ignorable(model, key, unstored)]
+    if u:
         raise ValueError(f"{model_dir}: tensors the model does not have: {u[:8]}{' …' if len(u) > 8 else ''}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -350,8 +374,9 @@ def float_tensors(model: nn.Module, layers: Iterable[str]) -> Dict[str, torch.Te
     from ..flows.io import _dedupe
 
     prefixes = tuple(f"{n}." for n in layers)
+    weight_keys = ("qweight", "scales", "zeros", "in_perm")
     sd = {k: v for k, v in model.state_dict().items()
-          if not (k.startswith(prefixes) and k.rpartition(".")[2] in ("qweight", "scales", "zeros", "in_perm"))}
+          if not (k.startswith(prefixes) and k.rpartition(".")[2] in weight_keys)}
     out, aliases = _dedupe(sd)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     for dropped, kept in aliases.items():
