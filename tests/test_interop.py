@@ -526,3 +526,34 @@ def test_model_level_errors(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(FileExistsError):
         export_awq(model, tmp_path / "a")
+
+
+def test_sharded_weights_side_config_and_dtype(tmp_path):
+    """Shards listed in model.safetensors.index.json; AutoGPTQ's quantize_config.json instead of
+    a quantization_config entry; dtype= casting the non-quantised tensors."""
+    model = rtn_model("opt", QuantSpec(4, 64))
+    out = tmp_path / "g"
+    export_gptq(model, out, version=2)
+    sd = safetensors_torch.load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fname, ks in shards.items():
+        safetensors_torch.save_file({k: sd[k] for k in ks}, str(out / fname))
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["quantization_config"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    ids = calib_ids(2, 8)
+    again = load_checkpoint(out)
+    assert torch.equal(logits(again, ids), logits(model, ids))
+    half = load_gptq(out, dtype=torch.bfloat16)
+    assert half.model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    q_proj = half.model.decoder.layers[0].self_attn.q_proj
+    assert q_proj.scales.dtype == torch.float16 and q_proj.bias.dtype == torch.bfloat16
+    # an index naming a tensor its shard does not hold
+    index["weight_map"]["model.ghost.weight"] = "model-00001-of-00002.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"lists tensors its shards do not hold: \['model\.ghost\.weight'\]"):
+        load_gptq(out)
