@@ -326,7 +326,8 @@ def import_model(model_dir, model: Optional[nn.Module], dtype: Optional[torch.dt
     unstored = _unstored_buffer_tails(model) if result.unexpected_keys else set()
     u = [key for key in result.unexpected_keys if not _ignorable(model, key, unstored)]
     if u:
-        raise ValueError(f"{model_dir}: tensors the model does not have: {u[:8]}{' …' if len(u) > 8 else ''}")
+        raise ValueError(f"{model_dir}: tensors the model does not have: "
+                         f"{u[:8]}{' …' if len(u) > 8 else ''}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
