@@ -557,3 +557,23 @@ def test_sharded_weights_side_config_and_dtype(tmp_path):
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"lists tensors its shards do not hold: \['model\.ghost\.weight'\]"):
         load_gptq(out)
+
+
+def test_gpt2_conv1d_round_trip(tmp_path):
+    """GPT-2 keeps its linears as Conv1D (weight [in, out]); GPTQ stores them like any linear."""
+    from layerpress import ops
+    from layerpress.flows.models import is_conv1d
+
+    model, spec = tiny_model("gpt2"), QuantSpec(4, 32)
+    for name, mod in list(model.named_modules()):
+        if is_conv1d(mod):
+            codes, s, z = ops.quantize(mod.weight.detach().t().contiguous(), spec)
+            ql = QuantLinear.from_quantized(ops.pack(codes, 4), s, z, spec, bias=mod.bias.detach())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, ql)
+    ids = calib_ids(2, 8)
+    export_gptq(model, tmp_path / "g", version=2)
+    again = load_checkpoint(tmp_path / "g")
+    attn = again.transformer.h[0].attn.c_attn
+    assert isinstance(attn, QuantLinear) and (attn.in_features, attn.out_features) == (128, 384)
+    assert torch.equal(logits(again, ids), logits(model, ids))
