@@ -7,6 +7,9 @@
     layerpress bench [...]   the CPU GEMM benchmark suite (bench/bench_gemm.py of a source checkout)
     layerpress quantize      quantise a Hugging Face model (default: the bundled all-MiniLM-L6-v2)
                              layer by layer, report size, fidelity/perplexity and time
+    layerpress eval DIR      evaluate a saved quantised model (perplexity, embedding fidelity,
+                             per-layer reconstruction error against --reference)
+    layerpress inspect DIR   what a saved quantised model holds, per layer and in total
 """
 from __future__ import annotations
 
@@ -208,6 +211,17 @@ def _parse_bits(text: str) -> float:
     return int(v) if v.is_integer() else v
 
 
+def _parse_widths(text: str):
+    try:
+        ws = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 2,3,4,8, got "
+                                         f"{text!r}") from None
+    if not ws or any(w not in (2, 3, 4, 8) for w in ws):
+        raise argparse.ArgumentTypeError(f"widths must be among 2,3,4,8, got {text!r}")
+    return ws
+
+
 def quantize(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import copy
@@ -230,6 +244,14 @@ def quantize(args) -> int:
         raise UsageError(f"--outliers must be a fraction in [0, 1), got {args.outliers}")
     if args.lorc_rank < 0:
         raise UsageError(f"--lorc-rank must be >= 0, got {args.lorc_rank}")
+    if args.widths and args.allocation != "knapsack":
+        raise UsageError("--widths is for --allocation knapsack")
+    if args.plots:  # fail before the long run, not after it
+        from .flows.report import PlotsUnavailable, _matplotlib
+        try:
+            _matplotlib()
+        except PlotsUnavailable as e:
+            raise UsageError(f"--plots: {e}") from None
     import transformers
 
     from .flows import quantize_model, save_quantized
@@ -265,13 +287,14 @@ def quantize(args) -> int:
                                     tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len,
                                     seed=args.seed, select_with=args.select_with,
                                     outliers=args.outliers, lorc_rank=args.lorc_rank,
-                                    checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+                                    checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                                    allocation=args.allocation, widths=args.widths)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}
         for layer in report.layers:
             axes[layer.axis] = axes.get(layer.axis, 0) + 1
-        row = [method, axis, f"{report.average_bits:.3f}",
+        row = [method, axis, f"{report.average_bits:.3f} / {report.effective_bits:.3f}",
                f"{report.original_bytes / 2**20:.2f} -> {report.quantized_bytes / 2**20:.2f}",
                "/".join(f"{a}:{n}" for a, n in sorted(axes.items()))]
         if encoder:
@@ -282,7 +305,7 @@ def quantize(args) -> int:
         row.append(f"{report.time_s:.1f}")
         rows.append(row)
         qmodel = m
-    head = ["method", "axis", "avg bits", "linear weights MiB", "axes chosen"]
+    head = ["method", "axis", "code / eff. bits", "linear weights MiB", "axes chosen"]
     head += ["mean cos", "min cos", "NN agree"] if encoder else ["ppl fp32", "ppl quant"]
     head.append("time s")
     g = "whole" if args.group_size == -1 else args.group_size
@@ -292,6 +315,9 @@ def quantize(args) -> int:
     if encoder:
         print("  mean/min cos: cosine between mean-pooled sentence embeddings of the quantised and "
               "the fp32 model on 60 held-out sentences; NN agree: same nearest neighbour")
+    if args.plots:
+        from .flows.report import plot_report
+        print(f"plots written: {', '.join(str(p) for p in plot_report(report, args.plots))}")
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
         print(f"report written to {args.report}")
@@ -301,6 +327,213 @@ def quantize(args) -> int:
         print(f"saved to {args.out} (safetensors + config.json; load with "
               f"layerpress.flows.load_quantized)")
     print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---- eval, inspect -------------------------------------------------------------------------------
+
+_LOAD_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, NotImplementedError, KeyError,
+                TypeError, OSError)
+
+
+def _load_saved(model_dir: str):
+    """A saved layerpress model (flows/io.py load_quantized); user errors -> UsageError."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .flows.io import load_quantized
+
+    try:
+        return load_quantized(model_dir)
+    except _LOAD_ERRORS as e:
+        msg = " ".join(str(e).split())  # one line (torch's state-dict errors span several)
+        where = "" if str(Path(model_dir)) in msg else f" {model_dir}"
+        raise UsageError(f"cannot load the quantised model{where}: {msg}") from None
+
+
+def _hf_dir(path: str, what: str) -> Path:
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise UsageError(f"{what} {d}: no config.json there (a Hugging Face model directory is "
+                         "expected)")
+    return d
+
+
+def _lines(paths: List[str], what: str) -> List[str]:
+    from .flows.calibration import load_texts
+
+    try:
+        return load_texts([Path(p) for p in paths])
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def _layer_errors(reference, qmodel, ids, batch_size: int = 8):
+    """{name: ||q(X) − W X|| / ||W X||} per quantised linear, bias excluded, X the reference
+    linear's inputs on the calibration ids (the reference model's own forward pass)."""
+    import torch
+
+    from .flows.report import quantized_layers
+
+    qmods = dict(quantized_layers(qmodel))
+    sums = {name: [0.0, 0.0] for name in qmods}
+    hooks = []
+
+    def hook(name):
+        def fn(mod, args, out):
+            q = qmods[name]
+            y_ref = out.float()
+            y_q = q(args[0].to(torch.float32)).float()
+            if q.bias is not None:
+                y_ref, y_q = y_ref - q.bias.float(), y_q - q.bias.float()
+            sums[name][0] += (y_q - y_ref).pow(2).sum().item()
+            sums[name][1] += y_ref.pow(2).sum().item()
+        return fn
+
+    for name in qmods:
+        try:
+            mod = reference.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"--reference has no layer {name!r}: not the original of this "
+                             "quantised model") from None
+        hooks.append(mod.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            for batch in ids.split(batch_size):
+                reference(input_ids=batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (e / max(d, 1e-30)) ** 0.5 for n, (e, d) in sums.items()}
+
+
+def evaluate(args) -> int:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.calib and not args.reference:
+        raise UsageError("per-layer reconstruction error (--calib) needs --reference ORIG_DIR")
+    texts = _lines(args.text, "--text") if args.text else None  # user errors first, then loading
+    ref_dir = _hf_dir(args.reference, "--reference") if args.reference else None
+    t0 = time.perf_counter()
+    qmodel = _load_saved(args.model_dir)
+    import transformers
+
+    from .flows.evaluate import embedding_fidelity, perplexity, sentence_embeddings
+    from .flows.models import adapter_for
+    from .flows.quantize_model import calibration_ids
+    from .flows.report import effective_bits, quantized_layers
+
+    tok = None
+    for d in [Path(args.model_dir)] + ([ref_dir] if ref_dir else []):
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(d))
+            break
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    if tok is None:
+        raise UsageError(f"no tokenizer in {args.model_dir}" + (f" or {ref_dir}" if ref_dir else "")
+                         + " (save one there, or pass --reference ORIG_DIR that has one)")
+    reference = None
+    if ref_dir:
+        try:
+            reference = type(qmodel).from_pretrained(str(ref_dir), dtype=torch.float32).eval()
+        except _LOAD_ERRORS as e:
+            raise UsageError(f"--reference {ref_dir}: cannot load it as a {type(qmodel).__name__}: "
+                             f"{e}") from None
+    try:
+        adapter = adapter_for(qmodel)
+    except NotImplementedError as e:
+        raise UsageError(str(e)) from None
+    layers = quantized_layers(qmodel)
+    weights = sum(m.in_features * m.out_features for _, m in layers)
+    code = sum(m.spec.bits * m.in_features * m.out_features for _, m in layers) / weights
+    eff = sum(effective_bits(m) * m.in_features * m.out_features for _, m in layers) / weights
+    print(f"{args.model_dir}: {type(qmodel).__name__}, {len(layers)} quantised linears, "
+          f"{code:.3f} code bits, {eff:.3f} effective bits per weight (loaded in "
+          f"{time.perf_counter() - t0:.1f} s)")
+    src = "the built-in held-out sentences" if texts is None else ", ".join(args.text)
+    causal = adapter.kind == "causal" and qmodel.get_output_embeddings() is not None
+    try:
+        if causal:
+            ppl = perplexity(qmodel, tok, texts=texts, seq_len=args.seq_len)
+            line = f"perplexity on {src} ({args.seq_len}-token windows): quantised {ppl:.3f}"
+            if reference is not None:
+                ppl0 = perplexity(reference, tok, texts=texts, seq_len=args.seq_len)
+                line += f", reference {ppl0:.3f} ({100 * (ppl / ppl0 - 1):+.2f}%)"
+            print(line)
+        elif reference is not None:
+            fid = embedding_fidelity(sentence_embeddings(reference, tok, texts),
+                                     sentence_embeddings(qmodel, tok, texts))
+            print(f"embedding fidelity on {src} ({fid['n']} sentences, mean-pooled): mean cos "
+                  f"{fid['mean_cos']:.4f}, min cos {fid['min_cos']:.4f}, nearest-neighbour "
+                  f"agreement {100 * fid['nn_agreement']:.1f}%")
+        else:
+            print("embedding fidelity needs the full-precision model: pass --reference ORIG_DIR")
+        if args.calib:
+            ids = calibration_ids([Path(p) for p in args.calib], tok, args.n_samples, args.seq_len)
+            errs = _layer_errors(reference, qmodel, ids)
+            rows = [[n, f"{m.spec.bits}", m.spec.axis, f"{errs[n]:.4f}"] for n, m in layers]
+            print(f"per-layer reconstruction error ||y_q - y|| / ||y|| on {ids.shape[0]} x "
+                  f"{ids.shape[1]} calibration tokens of {', '.join(args.calib)}:")
+            print(_table(["layer", "bits", "axis", "rel. error"], rows))
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def inspect_saved(args) -> int:
+    from .flows.report import effective_bits, quantized_layers
+
+    qmodel = _load_saved(args.model_dir)
+    d = Path(args.model_dir)
+    qcfg = json.loads((d / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    extra = qcfg.get("extra") if isinstance(qcfg.get("extra"), dict) else {}
+    methods = {lay.get("name"): lay.get("method") for lay in extra.get("layers", []) if isinstance(lay, dict)}
+    rows, out = [], []
+    weights = code = eff_total = qbytes = 0
+    for name, m in quantized_layers(qmodel):
+        s = m.spec
+        nbytes = sum(t.numel() * t.element_size() for k, t in m.state_dict().items() if k != "bias")
+        side = sorted(k for k in m.state_dict() if k not in ("qweight", "scales", "zeros", "bias"))
+        eff = effective_bits(m)
+        w = m.in_features * m.out_features
+        weights += w
+        code += s.bits * w
+        eff_total += eff * w
+        qbytes += nbytes
+        g = "whole" if s.group_size == -1 else str(s.group_size)
+        info_ = {"name": name, "bits": s.bits, "axis": s.axis, "group_size": s.group_size,
+                 "symmetric": s.symmetric, "scale_dtype": str(s.scale_dtype).replace("torch.", ""),
+                 "method": methods.get(name), "out_features": m.out_features,
+                 "in_features": m.in_features, "bytes": nbytes, "effective_bits": eff,
+                 "side_paths": side}
+        out.append(info_)
+        rows.append([name, str(s.bits), s.axis, g, "sym" if s.symmetric else "asym",
+                     info_["scale_dtype"], methods.get(name) or "-", f"{m.out_features}x{m.in_features}",
+                     f"{nbytes}", f"{eff:.3f}", ",".join(side) or "-"])
+    total_bytes = sum(t.numel() * t.element_size() for t in qmodel.state_dict().values())
+    file_bytes = (d / "model.safetensors").stat().st_size
+    totals = {"model_class": type(qmodel).__name__, "quantized_linears": len(out),
+              "quantized_weights": weights, "average_code_bits": code / weights,
+              "average_effective_bits": eff_total / weights, "quantized_bytes": qbytes,
+              "other_bytes": total_bytes - qbytes - sum(
+                  m.bias.numel() * m.bias.element_size() for _, m in quantized_layers(qmodel)
+                  if m.bias is not None),
+              "file_bytes": file_bytes,
+              "bits_target": extra.get("bits_target"), "allocation": extra.get("allocation")}
+    if args.json:
+        print(json.dumps({"layers": out, "totals": totals}, indent=2))
+        return 0
+    print(_table(["layer", "bits", "axis", "group", "zero", "scales", "method", "N x K", "bytes",
+                  "eff. bits", "side paths"], rows))
+    print(f"{len(out)} quantised linears, {weights} weights: {totals['average_code_bits']:.3f} code "
+          f"bits, {totals['average_effective_bits']:.3f} effective bits per weight; "
+          f"{qbytes / 2**20:.2f} MiB quantised + {totals['other_bytes'] / 2**20:.2f} MiB other "
+          f"tensors; model.safetensors {file_bytes / 2**20:.2f} MiB"
+          + (f"; target {extra['bits_target']} bits ({extra.get('allocation', 'order')})"
+             if extra.get("bits_target") is not None else ""))
     return 0
 
 
@@ -344,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="layerpress: low-bit GEMM, per-input-channel quantisation and compression "
                     "flows for PyTorch. With no command, runs `demo`.",
         epilog="`layerpress bench --help` lists the benchmark options.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize,eval,inspect}")
     d = sub.add_parser(
         "demo", help="quantise a random Linear at W4/W3/W2, check and benchmark the GEMM (default)",
         description="Quantises a seeded random nn.Linear(SIZE, SIZE) with QuantLinear.from_linear "
@@ -382,8 +615,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--select-with", choices=["applied", "rtn"], default="applied",
                    help="axis auto: measure the candidates with the applied quantiser (default) "
                         "or choose with RTN, then quantise (AdaDim paper's recipe)")
-    q.add_argument("--importance", choices=["lim", "zd"], default="lim",
-                   help="layer importance for fractional bits (default lim)")
+    q.add_argument("--importance", choices=["lim", "zd", "hessian"], default="lim",
+                   help="layer importance for fractional bits: LIM, ZD or the HAWQ Hessian trace "
+                        "(Hutchinson; backpropagates through the whole model) (default lim)")
+    q.add_argument("--allocation", choices=["order", "knapsack"], default="order",
+                   help="order: demote the least important blocks from ceil(bits) to floor(bits); "
+                        "knapsack: a width per linear from --widths minimising the measured RTN "
+                        "output error under the average (default order)")
+    q.add_argument("--widths", type=_parse_widths, metavar="W,W,...",
+                   help="knapsack widths (default 2,3,4,8)")
+    q.add_argument("--plots", metavar="DIR",
+                   help="write PNG plots of the importance scores and bits per layer to DIR "
+                        "(needs matplotlib)")
     q.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text files (default: built-in English sentences)")
     q.add_argument("--n-samples", type=int, default=32, help="calibration sequences (default 32)")
@@ -406,6 +649,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a checkpoint after every block to DIR (atomic writes)")
     q.add_argument("--resume", action="store_true",
                    help="continue the interrupted run checkpointed in --checkpoint-dir")
+    e = sub.add_parser(
+        "eval", help="evaluate a saved quantised model",
+        description="Loads a directory written by `layerpress quantize --out` and reports the "
+                    "perplexity (causal LMs; with --reference also the original's), the embedding "
+                    "fidelity against the full-precision model (encoders; needs --reference) and, "
+                    "with --calib, each quantised linear's reconstruction error on calibration "
+                    "text through the reference model.")
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="saved quantised model directory")
+    e.add_argument("--reference", metavar="ORIG_DIR",
+                   help="the original full-precision Hugging Face model directory")
+    e.add_argument("--text", nargs="+", metavar="FILE",
+                   help="evaluation text files, one passage per line (default: built-in "
+                        "held-out sentences)")
+    e.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="calibration text for per-layer reconstruction errors (needs --reference)")
+    e.add_argument("--n-samples", type=int, default=16, help="calibration sequences (default 16)")
+    e.add_argument("--seq-len", type=int, default=64,
+                   help="tokens per perplexity window / calibration sequence (default 64)")
+    e.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    i = sub.add_parser(
+        "inspect", help="show what a saved quantised model holds",
+        description="Per quantised linear: bits, group axis and size, zero points, scale dtype, "
+                    "method, shape, stored bytes, effective bits (codes, scales, zeros and side "
+                    "paths per weight) and side paths; then the totals.")
+    i.add_argument("model_dir", metavar="DIR", help="saved quantised model directory")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -424,6 +693,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return info(args)
         if args.command == "quantize":
             return quantize(args)
+        if args.command == "eval":
+            return evaluate(args)
+        if args.command == "inspect":
+            return inspect_saved(args)
         parser.error(f"unknown command {args.command!r}")
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
