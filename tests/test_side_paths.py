@@ -336,6 +336,9 @@ def test_quantize_model_save_load_with_side_paths(tmp_path):
     assert rep.quantized_bytes == sum(m.storage_bits() for m in qls.values()) // 8
     with pytest.raises(ValueError, match=r"outliers must be a fraction of the weights in \[0, 1\)"):
         quantize_model(tiny_model("llama", layers=1), bits=3, calib=ids, outliers=1.5)
+    with pytest.raises(ValueError, match=r"lorc_rank must be in \[0, min\(out_features, in_features\)\] "
+                                         r"for every linear, got 129; model.layers.0.self_attn.q_proj is \[128, 128\]"):
+        quantize_model(tiny_model("llama", layers=1), bits=3, calib=ids, lorc_rank=129)
 
     x = torch.randint(0, 256, (2, 12))
     want = model(input_ids=x).logits

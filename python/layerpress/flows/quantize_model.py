@@ -252,6 +252,12 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
     # ---- bit allocation ---------------------------------------------------------------------
     linears0 = [adapter.linears(b) for b in blocks]
     params = [sum(weight_oi(m).numel() for m in lins.values()) for lins in linears0]
+    rank = (side or {}).get("lorc_rank", 0)
+    too_small = [(f"{adapter.block_name(bi)}.{nm}", list(weight_oi(m).shape)) for bi, lins in
+                 enumerate(linears0) for nm, m in lins.items() if rank > min(weight_oi(m).shape)]
+    if too_small:  # refused before any work, not at the first such layer
+        raise ValueError(f"lorc_rank must be in [0, min(out_features, in_features)] for every "
+                         f"linear, got {rank}; {too_small[0][0]} is {too_small[0][1]}")
     scores, imp, layer_bits = None, None, {}
     allocation, widths = alloc_args
     if allocation not in ("order", "knapsack"):
