@@ -143,7 +143,8 @@ def _exact_hessian(model, ids, family):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_hessian_trace_replayed_probes_exact(family, torch_single_thread):
     """Each Hutchinson term is vᵀHv with H the exact Hessian: replaying the estimator's
-    Rademacher probes (the same seeded generator, one tensor per linear weight in adapter order)
+    Rademacher probes (probe k from a generator seeded seed·1000003 + k, one tensor per linear
+    weight in adapter order)
     against the exact float64 Hessian gives the same per-block and per-linear estimates."""
     model = _micro_model(family)
     ids = torch.randint(0, 32, (3, 6), generator=torch.Generator().manual_seed(5))
@@ -152,9 +153,9 @@ def test_hessian_trace_replayed_probes_exact(family, torch_single_thread):
     est = hessian_traces(model, ids, n_probes=m, batch_size=2, seed=7)
     ad = adapter_for(model)
     weights = [mm.weight for b in ad.blocks() for mm in ad.linears(b).values()]
-    gen = torch.Generator().manual_seed(7)
     per_block = torch.zeros(2, dtype=torch.float64)
-    for _ in range(m):
+    for k in range(m):
+        gen = torch.Generator().manual_seed(7 * 1_000_003 + k)  # the documented probe seeds
         v = torch.cat([(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).reshape(-1).double()
                        for w in weights])
         hv = H @ v

@@ -36,7 +36,7 @@ from .calibration import capture_block_inputs, run_block
 from .models import ModelAdapter, adapter_for, weight_oi
 
 __all__ = ["lim_scores", "lim_from_hidden", "zd_scores", "zd_score", "hessian_traces",
-           "hessian_scores", "HessianTraces", "importance_order", "IMPORTANCE_KINDS"]
+           "hessian_scores", "HessianTraces", "rademacher_probe", "importance_order", "IMPORTANCE_KINDS"]
 
 #: importance kinds and whether a higher score means more important
 IMPORTANCE_KINDS = {"lim": True, "zd": False, "hessian": True}
@@ -113,6 +113,13 @@ def _loss_terms(model, ids, causal_lm: bool, reference):
     return 0.5 * (_fp32_or_wider(y) - reference).pow(2).sum()
 
 
+def rademacher_probe(weights: Sequence[torch.Tensor], seed: int, k: int) -> List[torch.Tensor]:
+    """Probe ``k`` of run ``seed``: one ±1 tensor per weight (CPU generator seeded with
+    ``seed·1000003 + k``, drawn in order, then moved to each weight's device and dtype)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+    return [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
+
+
 def hessian_traces(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[ModelAdapter] = None,
                    n_probes: int = 16, batch_size: int = 8, device=None, seed: int = 0) -> HessianTraces:
     """HAWQ average Hessian traces of every block's linear weights (see the module docstring)
@@ -135,7 +142,6 @@ def hessian_traces(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[
     batches = [b.to(dev) for b in input_ids.split(batch_size)]
     # the mean over all predicted (causal) or output (distortion) tokens
     tokens = float(input_ids.shape[0] * (input_ids.shape[1] - 1 if causal_lm else input_ids.shape[1]))
-    gen = torch.Generator().manual_seed(seed)
     per_tensor = torch.zeros(n_probes, len(weights), dtype=torch.float64)
     try:
         model.to(dev).eval()
@@ -148,15 +154,20 @@ def hessian_traces(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[
             with torch.no_grad():
                 refs = [_loss_ref(model, b) for b in batches]
         # the fused attention kernels have no double backward: the math path has
+        # One forward and first backward (with its graph) per batch serves every probe; probe k
+        # is regenerated identically for each batch from its own seed, so the per-probe sums
+        # over batches are vᵀHv of the whole loss.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            for k in range(n_probes):
-                vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
-                for ids, ref in zip(batches, refs):
-                    loss = _loss_terms(model, ids, causal_lm, ref) / tokens
-                    grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for ids, ref in zip(batches, refs):
+                loss = _loss_terms(model, ids, causal_lm, ref) / tokens
+                grads = torch.autograd.grad(loss, weights, create_graph=True)
+                for k in range(n_probes):
+                    vs = rademacher_probe(weights, seed, k)
                     gv = sum((g * v).sum() for g, v in zip(grads, vs))
-                    hvs = torch.autograd.grad(gv, weights)
-                    per_tensor[k] += torch.stack([(h.double() * v.double()).sum() for h, v in zip(hvs, vs)]).cpu()
+                    hvs = torch.autograd.grad(gv, weights, retain_graph=k + 1 < n_probes)
+                    per_tensor[k] += torch.stack([(h.double() * v.double()).sum()
+                                                  for h, v in zip(hvs, vs)]).cpu()
+                del loss, grads
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
