@@ -272,11 +272,11 @@ def quantize(args) -> int:
     if encoder:
         ref = sentence_embeddings(model, tok)
     else:
-        ppl0 = perplexity(model, tok, seq_len=args.seq_len)
+        ppl0 = perplexity(model, tok, seq_len=args.seq_len or 64)
     calib = [Path(p) for p in args.calib] if args.calib else None
     configs = [(args.method, args.axis)]
     if args.compare:
-        configs = [(m, a) for m in ("rtn", "gptq") for a in ("oc", "ic", "auto")]
+        configs = [(m, a) for m in ("rtn", "awq", "gptq") for a in ("oc", "ic", "auto")]
     rows = []
     qmodel = report = None
     for method, axis in configs:
@@ -288,7 +288,8 @@ def quantize(args) -> int:
                                     seed=args.seed, select_with=args.select_with,
                                     outliers=args.outliers, lorc_rank=args.lorc_rank,
                                     checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                                    allocation=args.allocation, widths=args.widths)
+                                    allocation=args.allocation, widths=args.widths,
+                                    clip=not args.no_clip)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}
@@ -301,7 +302,7 @@ def quantize(args) -> int:
             fid = embedding_fidelity(ref, sentence_embeddings(m, tok))
             row += [f"{fid['mean_cos']:.4f}", f"{fid['min_cos']:.4f}", f"{100 * fid['nn_agreement']:.0f}%"]
         else:
-            row += [f"{ppl0:.2f}", f"{perplexity(m, tok, seq_len=args.seq_len):.2f}"]
+            row += [f"{ppl0:.2f}", f"{perplexity(m, tok, seq_len=args.seq_len or 64):.2f}"]
         row.append(f"{report.time_s:.1f}")
         rows.append(row)
         qmodel = m
@@ -508,7 +509,7 @@ def inspect_saved(args) -> int:
                  "symmetric": s.symmetric, "scale_dtype": str(s.scale_dtype).replace("torch.", ""),
                  "method": methods.get(name), "out_features": m.out_features,
                  "in_features": m.in_features, "bytes": nbytes, "effective_bits": eff,
-                 "side_paths": side}
+                 "other_tensors": side}
         out.append(info_)
         rows.append([name, str(s.bits), s.axis, g, "sym" if s.symmetric else "asym",
                      info_["scale_dtype"], methods.get(name) or "-", f"{m.out_features}x{m.in_features}",
@@ -527,7 +528,7 @@ def inspect_saved(args) -> int:
         print(json.dumps({"layers": out, "totals": totals}, indent=2))
         return 0
     print(_table(["layer", "bits", "axis", "group", "zero", "scales", "method", "N x K", "bytes",
-                  "eff. bits", "side paths"], rows))
+                  "eff. bits", "other tensors"], rows))
     print(f"{len(out)} quantised linears, {weights} weights: {totals['average_code_bits']:.3f} code "
           f"bits, {totals['average_effective_bits']:.3f} effective bits per weight; "
           f"{qbytes / 2**20:.2f} MiB quantised + {totals['other_bytes'] / 2**20:.2f} MiB other "
@@ -609,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2, 3, 4, 8, or a fractional average such as 3.25 (default 4)")
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256, -1],
                    help="group size (-1: whole row/column; default 128)")
-    q.add_argument("--method", choices=["rtn", "gptq"], default="gptq", help="default gptq")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="gptq",
+                   help="rtn; gptq (default); awq (activation-aware scales folded into the "
+                        "preceding norm/linear, then RTN); awq+gptq (those scales, then GPTQ)")
     q.add_argument("--axis", choices=["oc", "ic", "auto"], default="auto",
                    help="group axis; auto = AdaDim per linear (default)")
     q.add_argument("--select-with", choices=["applied", "rtn"], default="applied",
@@ -629,11 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs matplotlib)")
     q.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text files (default: built-in English sentences)")
-    q.add_argument("--n-samples", type=int, default=32, help="calibration sequences (default 32)")
-    q.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    q.add_argument("--n-samples", type=int,
+                   help="calibration sequences (default: encoders 256, causal LMs 32)")
+    q.add_argument("--seq-len", type=int,
+                   help="tokens per calibration sequence (default: encoders 16, from the start "
+                        "of a sentence; causal LMs 64, random windows; perplexity windows: this "
+                        "or 64)")
+    q.add_argument("--no-clip", action="store_true",
+                   help="min-max group ranges instead of the clipping search")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--compare", action="store_true",
-                   help="run RTN and GPTQ with axes oc, ic and auto side by side")
+                   help="run RTN, AWQ and GPTQ with axes oc, ic and auto side by side")
     q.add_argument("--out", help="save the quantised model to this directory")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--report", metavar="FILE",
@@ -672,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="show what a saved quantised model holds",
         description="Per quantised linear: bits, group axis and size, zero points, scale dtype, "
                     "method, shape, stored bytes, effective bits (codes, scales, zeros and side "
-                    "paths per weight) and side paths; then the totals.")
+                    "paths per weight) and its other stored tensors (side paths, input permutation); then the totals.")
     i.add_argument("model_dir", metavar="DIR", help="saved quantised model directory")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p

@@ -1,10 +1,10 @@
 """What a quantisation run produced: effective bits, a per-layer table and PNG plots.
 
-*Effective bits* of a quantised linear = every bit it stores for its weight -- packed codes,
-scales, zeros and any side paths such as outliers, low-rank corrections or an input
-permutation (all tensors of its ``state_dict`` except the bias) -- divided by its
-``in_features · out_features`` weights. For W4 g128 asymmetric with fp16 scales and uint8 zeros
-that is ``4 + (16 + 8)/128 = 4.1875``. Averages over layers are weighted by weight count.
+*Effective bits* of a quantised linear = the bits it stores for its weight -- packed codes,
+scales, zeros and side paths (outliers, LoRC factors) -- divided by its
+``in_features · out_features`` weights (``QuantLinear.effective_bits``; the bias and an input
+permutation are not counted). For W4 g128 asymmetric with fp16 scales and uint8 zeros that is
+``4 + (16 + 8)/128 = 4.1875``. Averages over layers are weighted by weight count.
 
 Plots need matplotlib (``pip install matplotlib``, or the ``plots`` extra of layerpress); the
 rest of this module does not.
@@ -28,10 +28,7 @@ class PlotsUnavailable(ImportError):
 
 def effective_bits(module: nn.Module) -> float:
     """Stored bits per weight of a ``QuantLinear`` (see the module docstring)."""
-    n, k = module.out_features, module.in_features
-    stored = sum(t.numel() * t.element_size() for key, t in module.state_dict().items()
-                 if key != "bias")
-    return 8.0 * stored / (n * k)
+    return module.effective_bits()
 
 
 def quantized_layers(model: nn.Module):
