@@ -25,7 +25,8 @@ SVD of ``E`` itself (the Frobenius-optimal ``Ŵ``). Factors are stored in ``side
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -34,7 +35,7 @@ from ..nn import SIDE_DTYPES
 from ..spec import QuantSpec
 from .quantizers import QuantResult
 
-__all__ = ["SidePaths", "SideQuantResult", "check_side_args", "outlier_count", "select_outliers",
+__all__ = ["SidePaths", "check_side_args", "outlier_count", "select_outliers",
            "mask_outliers", "fit_outlier_values", "lorc_factors", "quantise_with_side_paths",
            "OUTLIER_CRITERIA"]
 
@@ -66,13 +67,6 @@ class SidePaths:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kwargs().values() if t is not None)
-
-
-@dataclass
-class SideQuantResult(QuantResult):
-    """A :class:`QuantResult` whose ``weight`` is the effective weight ``ŵ + S + B·A`` and which
-    carries the side paths."""
-    side: Optional[SidePaths] = None
 
 
 def check_side_args(outliers: float = 0.0, lorc_rank: int = 0, side_dtype=torch.float16,
@@ -221,8 +215,9 @@ def quantise_with_side_paths(w: torch.Tensor, spec: QuantSpec,
                              lorc_rank: int = 0, side_dtype: torch.dtype = torch.float16,
                              criterion: str = "magnitude", lorc_weighted: bool = True):
     """Quantises ``w [N, K]`` with ``quantise(w, spec)`` plus the requested side paths (see the
-    module doc). Returns the quantiser's own result when there are none, else a
-    :class:`SideQuantResult` whose ``weight`` is the effective fp32 weight ``ŵ + S + B·A``.
+    module doc). Returns the quantiser's own result when there are none, else a copy of it
+    whose ``weight`` is the effective fp32 weight ``ŵ + S + B·A`` and whose extra attribute
+    ``side`` holds the :class:`SidePaths`.
     ``H``: the layer's input Hessian (any positive multiple of ``XᵀX``), used by the saliency
     criterion, the outlier fit and weighted LoRC."""
     check_side_args(outliers, lorc_rank, side_dtype, criterion)
@@ -247,5 +242,6 @@ def quantise_with_side_paths(w: torch.Tensor, spec: QuantSpec,
         side.lorc_a = _to_side_dtype(A, side_dtype, "a LoRC factor")
         side.lorc_b = _to_side_dtype(B, side_dtype, "a LoRC factor")
         eff += side.lorc_b.float() @ side.lorc_a.float()
-    base = {f.name: getattr(res, f.name) for f in fields(res) if f.name not in ("weight", "side")}
-    return SideQuantResult(**base, weight=eff, side=side)
+    out = dataclasses.replace(res, weight=eff)  # keeps any field a quantiser's result adds
+    out.side = side
+    return out
