@@ -228,3 +228,21 @@ def test_permutation_and_side_paths(tmp_path):
     loaded.save_pretrained(tmp_path / "hf")
     assert torch.equal(_out(load_quantized(tmp_path / "hf"), IDS), ref)
     assert torch.equal(_out(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), IDS), ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dequantize(family, saved):
+    """model.dequantize(): float linears (GPT-2: Conv1D) with the dequantised weights; the same
+    outputs up to float rounding, and the quantisation config is gone."""
+    model, path = saved(family)
+    loaded = _auto(family).from_pretrained(path)
+    want = {n: m.dequantized_weight() for n, m in _quant_layers(loaded).items()}
+    loaded.dequantize()
+    assert not _quant_layers(loaded) and not hasattr(loaded.config, "quantization_config")
+    for name, w in want.items():
+        layer = loaded.get_submodule(name)
+        got = layer.weight.t() if family == "gpt2" else layer.weight
+        assert type(layer).__name__ == ("Conv1D" if family == "gpt2" else "Linear")
+        assert torch.equal(got, w), name
+    got, ref = _out(loaded, IDS), _out(model, IDS)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5

@@ -229,6 +229,34 @@ class LayerpressHfQuantizer(HfQuantizer):
         cfg.aliases = aliases
         return tensors, {"layerpress": str(FORMAT_VERSION)}
 
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: every QuantLinear back to a float ``nn.Linear`` (GPT-2:
+        ``Conv1D``) holding the weight the layer computes with (dequantised, plus side paths)."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, QuantLinear):
+                continue
+            weight_of = getattr(m, "effective_weight", m.dequantized_weight)
+            dt = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+            w = weight_of(torch.float32).to(dt)
+            if getattr(m, "_lp_conv1d", False):
+                from transformers.pytorch_utils import Conv1D
+
+                new = Conv1D(m.out_features, m.in_features).to(device=w.device, dtype=dt)
+                new.weight.data.copy_(w.t())
+                if m.bias is None:
+                    new.bias = None
+            else:
+                new = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                                      device=w.device, dtype=dt)
+                new.weight.data.copy_(w)
+            if m.bias is not None:
+                new.bias.data.copy_(m.bias.detach())
+            parent, _, child = name.rpartition(".")
+            setattr(get_submodule(model, parent), child, new)
+        return model
+
     def is_serializable(self, *args, **kwargs):
         return True
 
