@@ -25,7 +25,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..flows.io import FORMAT_VERSION, _dedupe, _swap_in, quantization_config
+from ..flows.io import FORMAT_VERSION, _dedupe, quantization_config, swap_in_quantlinears
 from ..flows.models import get_submodule
 from ..nn import QuantLinear
 from ..spec import QuantSpec
@@ -95,7 +95,7 @@ def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, di
         elif is_base and prefix and not name.startswith(prefix + "."):
             continue  # a layer of the head this base model does not have (e.g. lm_head)
         else:
-            out[name] = info  # _swap_in names it in its error
+            out[name] = info  # swap_in_quantlinears names it in its error
     return out
 
 
@@ -189,7 +189,7 @@ class LayerpressHfQuantizer(HfQuantizer):
         # Side paths (outliers, LoRC) are not sized here: a QuantLinear cannot build them on the
         # meta device (their checks read values). _expose_for_loading gives them placeholders of
         # the stored shapes instead, and _finish_loading checks them against the config.
-        _swap_in(model, {n: {k: v for k, v in info.items() if k not in _SIDE_FIELDS}
+        swap_in_quantlinears(model, {n: {k: v for k, v in info.items() if k not in _SIDE_FIELDS}
                          for n, info in renamed.items()})
         self._side_sizes = {n: {k: info[k] for k in ("outliers", "lorc_rank") if k in info}
                             for n, info in renamed.items()}
