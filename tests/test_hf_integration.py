@@ -246,3 +246,24 @@ def test_dequantize(family, saved):
         assert torch.equal(got, w), name
     got, ref = _out(loaded, IDS), _out(model, IDS)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_quantised_head(tmp_path):
+    """A quantised lm_head loads with the causal model and is left out of its base model."""
+    from layerpress import QuantSpec
+
+    model = tiny_model("llama")
+    assert not model.config.tie_word_embeddings
+    quantize_model(model, bits=4, group_size=32, calib=calib_ids(4, 16), method="rtn", axis="oc",
+                   n_samples=4, seq_len=16)
+    model.lm_head = QuantLinear.from_linear(model.lm_head, QuantSpec(bits=8, group_size=32))
+    save_quantized(model, tmp_path / "q")
+    causal = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(causal.lm_head, QuantLinear) and causal.lm_head.spec.bits == 8
+    # the config has no dtype; "lm_head.scales" (fp16) is the checkpoint's first float tensor
+    assert causal.dtype == torch.float32
+    assert torch.equal(_out(causal, IDS), _out(model, IDS))
+    base = transformers.AutoModel.from_pretrained(tmp_path / "q")
+    assert _quant_layers(base).keys() == {n[len("model."):] for n in _quant_layers(model) if n != "lm_head"}
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=IDS).last_hidden_state, model.model(input_ids=IDS).last_hidden_state)

@@ -70,8 +70,8 @@ class LayerpressConfig(QuantizationConfigMixin):
                 raise ValueError(f"quantization_config.layers[{name!r}] is invalid: {e}") from None
 
 
-def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, dict]:
-    """Renames the saved layer names for ``model``, which may be the saved model's base model
+def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, tuple]:
+    """``{name in model: (saved name, layer entry)}``: renames the saved layer names for ``model``, which may be the saved model's base model
     (``AutoModel`` of a ``...ForCausalLM`` checkpoint: drop the ``base_model_prefix`` and the
     head's layers) or a model with a head around the saved base model (add the prefix)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -87,15 +87,15 @@ def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, di
     out = {}
     for name, info in layers.items():
         if has(name):
-            out[name] = info
+            out[name] = (name, info)
         elif is_base and name.startswith(prefix + ".") and has(name[len(prefix) + 1:]):
-            out[name[len(prefix) + 1:]] = info
+            out[name[len(prefix) + 1:]] = (name, info)
         elif not is_base and has(f"{prefix}.{name}"):
-            out[f"{prefix}.{name}"] = info
+            out[f"{prefix}.{name}"] = (name, info)
         elif is_base and prefix and not name.startswith(prefix + "."):
             continue  # a layer of the head this base model does not have (e.g. lm_head)
         else:
-            out[name] = info  # swap_in_quantlinears names it in its error
+            out[name] = (name, info)  # swap_in_quantlinears names it in its error
     return out
 
 
@@ -184,16 +184,27 @@ class LayerpressHfQuantizer(HfQuantizer):
                              "and save with save_quantized or save_pretrained first")
         super().__init__(quantization_config, **kwargs)
 
+    def update_attn_implementation(self, config):
+        # Runs before from_pretrained resolves dtype="auto". Without a dtype in the config,
+        # transformers takes the dtype of the checkpoint's first floating tensor, which in a
+        # layerpress checkpoint may be a layer's fp16 scales (e.g. "lm_head.scales" sorts first),
+        # turning a float32 model into a float16 one. A config without a dtype comes from a model
+        # built from its config (from_pretrained and save_pretrained both record one), i.e. in
+        # the default dtype. An explicit from_pretrained(dtype=...) still wins.
+        if getattr(config, "dtype", None) is None:
+            config.dtype = torch.get_default_dtype()
+        return config
+
     def _process_model_before_weight_loading(self, model, **kwargs):
         renamed = _layers_for(model, self.quantization_config.layers)
         # Side paths (outliers, LoRC) are not sized here: a QuantLinear cannot build them on the
         # meta device (their checks read values). _expose_for_loading gives them placeholders of
         # the stored shapes instead, and _finish_loading checks them against the config.
         swap_in_quantlinears(model, {n: {k: v for k, v in info.items() if k not in _SIDE_FIELDS}
-                         for n, info in renamed.items()})
+                                     for n, (_, info) in renamed.items()})
         self._side_sizes = {n: {k: info[k] for k in ("outliers", "lorc_rank") if k in info}
-                            for n, info in renamed.items()}
-        saved_name = {new: old for old, new in zip(self.quantization_config.layers, renamed)}
+                            for n, (_, info) in renamed.items()}
+        saved_name = {n: saved for n, (saved, _) in renamed.items()}
         stored = _checkpoint_tensors(kwargs.get("checkpoint_files"))
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
