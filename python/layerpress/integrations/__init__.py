@@ -10,7 +10,6 @@ installs an import hook instead, so the registration happens the moment transfor
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 
 __all__ = ["install_hf_hook"]
@@ -58,7 +57,12 @@ class _HfRegistryFinder(importlib.abc.MetaPathFinder):
         if fullname != _HF_REGISTRY_MODULE:
             return None
         _remove_finder()
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        spec = None
+        for finder in list(sys.meta_path):  # whoever finds transformers normally (we are gone)
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _RegisterAfterExec(spec.loader)
