@@ -73,7 +73,7 @@ def test_fractional_bits(importance):
 
 def test_quantize_model_bad_arguments():
     with pytest.raises(ValueError, match="method"):
-        quantize_model(tiny_model("llama"), method="awq", calib=calib_ids())
+        quantize_model(tiny_model("llama"), method="hqq", calib=calib_ids())
     with pytest.raises(ValueError, match="axis"):
         quantize_model(tiny_model("llama"), axis="row", calib=calib_ids())
     with pytest.raises(ValueError, match="tokenizer"):

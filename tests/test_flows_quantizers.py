@@ -92,3 +92,103 @@ def test_hessian_accumulator():
     acc.add(x)
     x2 = x.reshape(-1, 32).double()
     assert torch.allclose(acc.hessian(), 2 * x2.t() @ x2 / 15, rtol=1e-5, atol=1e-5)
+
+
+# ---- clipping search ----------------------------------------------------------------------------
+
+def _ref_clip(v, spec, weight, grid):
+    """Independent reference: for each row, every shrink factor in turn, in float64."""
+    qmax = 2 ** spec.bits - 1
+    best = []
+    for row, wt in zip(v.reshape(-1, v.shape[-1]).double(), weight.expand_as(v).reshape(-1, v.shape[-1]).double()):
+        errs = []
+        for p in grid:
+            if spec.symmetric:
+                s = torch.tensor(row.abs().max().item() * p / (2 ** (spec.bits - 1) - 1))
+                z = 2 ** (spec.bits - 1)
+            else:
+                lo, hi = min(row.min().item(), 0.0) * p, max(row.max().item(), 0.0) * p
+                s = torch.tensor((hi - lo) / qmax)
+            s = s.to(spec.scale_dtype).double()
+            s = torch.where(s == 0, torch.ones_like(s), s)
+            if not spec.symmetric:
+                z = min(max(round(-lo / s.item()), 0), qmax)
+            q = (torch.round(row / s) + z).clamp(0, qmax)
+            errs.append((((q - z) * s - row) ** 2 * wt).sum().item())
+        best.append(min(errs))
+    return torch.tensor(best, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, 32), QuantSpec(4, 32, symmetric=True)],
+                         ids=["w4", "w3", "w4sym"])
+def test_mse_params_is_the_best_of_the_grid_and_never_worse_than_minmax(spec):
+    from layerpress.flows.quantizers import CLIP_GRID, _fake, mse_params
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(40, 32, generator=g) * 0.05
+    v[::7, 3] *= 8  # outliers: clipping pays off on these rows
+    weight = 0.1 + torch.rand(32, generator=g)
+    s, z = mse_params(v, spec, weight)
+    fake = _fake(v, s[:, None], None if z is None else z[:, None], spec)
+    err = ((fake - v).double() ** 2 * weight.double()).sum(-1)
+    ref = _ref_clip(v, spec, weight, CLIP_GRID)
+    assert torch.allclose(err, ref, rtol=1e-4, atol=1e-12), (err - ref).abs().max()
+    s0, z0 = minmax_params(v, spec)
+    err0 = ((_fake(v, s0[:, None], None if z0 is None else z0[:, None], spec) - v).double() ** 2
+            * weight.double()).sum(-1)
+    assert (err <= err0 * (1 + 1e-6)).all()
+    assert (err < 0.95 * err0).any()  # and it really clips somewhere
+
+
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_clipped_rtn_and_gptq_lower_the_output_error(axis, bits):
+    w, x, H = _problem()
+    spec = QuantSpec(bits=bits, group_size=128, axis=axis)
+    e_rtn = _rel_err(x, w, rtn(w, spec).weight)
+    e_rtn_clip = _rel_err(x, w, rtn(w, spec, clip=True, hdiag=torch.diag(H)).weight)
+    e_gptq = _rel_err(x, w, gptq(w, H, spec).weight)
+    e_gptq_clip = _rel_err(x, w, gptq(w, H, spec, clip=True).weight)
+    assert e_rtn_clip < e_rtn and e_gptq_clip < e_rtn_clip, (e_rtn, e_rtn_clip, e_gptq_clip)
+    assert e_gptq_clip < 1.02 * e_gptq, (e_gptq, e_gptq_clip)
+    res = gptq(w, H, spec, clip=True)  # still the canonical format
+    ql = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, spec)
+    assert torch.equal(ql.dequantized_weight(), res.weight)
+
+
+# ---- importance order vs random orders ------------------------------------------------------------
+
+def test_importance_vs_random_orders_runs_the_given_orders():
+    """Each random run demotes exactly the blocks its order puts first, the importance run the
+    ones its scores rank lowest; the mean is the mean of the random runs."""
+    from flows_testutils import calib_ids, tiny_model
+    from layerpress.flows.evaluate import importance_vs_random_orders
+
+    class Tok:  # a byte-level tokenizer for the tiny BERT (vocabulary 256)
+        def __call__(self, texts, padding=False, truncation=False, max_length=None,
+                     return_tensors=None, add_special_tokens=True):
+            single = isinstance(texts, str)
+            rows = [[1] + list(t.encode()[:30]) + [2] for t in ([texts] if single else texts)]
+            if not add_special_tokens:
+                rows = [r[1:-1] for r in rows]
+            if return_tensors is None:
+                return {"input_ids": rows[0] if single else rows}
+            n = max(map(len, rows))
+            ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+
+            class Enc(dict):
+                def to(self, dev):
+                    return self
+            return Enc(input_ids=ids, attention_mask=mask)
+
+    seen = []
+    res = importance_vs_random_orders(tiny_model("bert", layers=4), Tok(), bits=3.5, n_random=3,
+                                      importance="zd", calib=calib_ids(), method="rtn",
+                                      on_result=lambda kind, e: seen.append((kind, e)))
+    assert [k for k, _ in seen] == ["zd", "random", "random", "random"]
+    for r in res["random"]:
+        assert sorted(r["demoted"]) == sorted(r["order"][:2]) and r["average_bits"] == 3.5
+    assert len({tuple(r["order"]) for r in res["random"]}) == 3
+    mean = sum(r["mean_cos"] for r in res["random"]) / 3
+    assert res["random_mean"]["mean_cos"] == pytest.approx(mean)
+    assert 0.5 < res["importance"]["mean_cos"] <= 1.0

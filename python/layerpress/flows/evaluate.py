@@ -7,6 +7,8 @@
   sentences whose most similar other sentence (cosine) is the same under both models.
 * :func:`perplexity`: ``exp`` of the mean next-token negative log-likelihood over windows of
   the token stream of the texts (default: the built-in held-out sentences).
+* :func:`importance_vs_random_orders`: a fractional-bit model (e.g. 3.5 bits, blocks at 4 and 3)
+  allocated by an importance score against the same budget allocated by random block orders.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from .calibration import default_texts
 
-__all__ = ["sentence_embeddings", "embedding_fidelity", "perplexity"]
+__all__ = ["sentence_embeddings", "embedding_fidelity", "perplexity", "quality_of",
+           "importance_vs_random_orders"]
 
 
 @torch.no_grad()
@@ -85,3 +88,60 @@ def perplexity(model: nn.Module, tokenizer=None, texts: Optional[Sequence[str]] 
         nll += loss.item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def quality_of(model: nn.Module, tokenizer, reference=None, texts=None) -> Dict[str, float]:
+    """Encoders (``reference``: full-precision sentence embeddings): :func:`embedding_fidelity`
+    on ``texts`` (default held-out set); causal LMs (``reference`` None): ``{"perplexity": ...}``."""
+    if reference is not None:
+        return embedding_fidelity(reference, sentence_embeddings(model, tokenizer, texts))
+    return {"perplexity": perplexity(model, tokenizer, texts=texts)}
+
+
+def importance_vs_random_orders(model: nn.Module, tokenizer, bits: float = 3.5, n_random: int = 5,
+                                seed: int = 0, importance: str = "lim", texts=None,
+                                on_result=None, **quantize_kwargs) -> Dict[str, object]:
+    """Quantises copies of ``model`` at the fractional average ``bits`` with the blocks demoted in
+    the order of ``importance`` and in ``n_random`` seeded random orders (distinct permutations
+    where there are enough), all else equal (``quantize_kwargs`` go to ``quantize_model``).
+
+    Returns ``{"importance": {...}, "random": [{...}, ...], "random_mean": {...}}``; each entry
+    holds the quality (:func:`quality_of`: mean/min cosine and NN agreement for encoders,
+    perplexity for causal LMs), the demoted blocks and the time. ``on_result(kind, entry)`` is
+    called as each run finishes."""
+    import copy
+    import itertools
+
+    from .models import adapter_for
+    from .quantize_model import quantize_model
+
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    encoder = adapter_for(model).kind == "encoder"
+    reference = sentence_embeddings(model, tokenizer, texts) if encoder else None
+    n_blocks = len(adapter_for(model).blocks())
+
+    def run(kind, **kw):
+        m = copy.deepcopy(model)
+        rep = quantize_model(m, bits=bits, tokenizer=tokenizer, seed=seed, **quantize_kwargs, **kw)
+        entry = dict(quality_of(m, tokenizer, reference, texts), demoted=rep.demoted,
+                     average_bits=rep.average_bits, time_s=rep.time_s)
+        if on_result is not None:
+            on_result(kind, entry)
+        return entry
+
+    out = {"importance": run(importance, importance=importance)}
+    gen = torch.Generator().manual_seed(seed)
+    seen, orders = set(), []
+    n_perm = math.factorial(n_blocks)
+    for _ in itertools.count():
+        order = tuple(torch.randperm(n_blocks, generator=gen).tolist())
+        if order not in seen or len(seen) >= n_perm:
+            seen.add(order)
+            orders.append(order)
+        if len(orders) == n_random:
+            break
+    out["random"] = [dict(run("random", block_order=o), order=list(o)) for o in orders]
+    keys = [k for k, v in out["random"][0].items() if isinstance(v, float)]
+    out["random_mean"] = {k: sum(r[k] for r in out["random"]) / len(orders) for k in keys}
+    return out

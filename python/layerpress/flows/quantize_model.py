@@ -29,8 +29,8 @@ from torch import nn
 from ..nn import QuantLinear
 from ..spec import BITS, QuantSpec
 from .allocate import allocate_bits, allocate_knapsack, measure_layer_errors
-from .calibration import (capture_block_inputs, default_texts, load_texts, run_block,
-                          tokenize_texts)
+from .calibration import (capture_block_inputs, default_calibration_shape, default_texts,
+                          load_texts, run_block, tokenize_texts)
 from .importance import hessian_scores, importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
 from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
@@ -38,7 +38,7 @@ from .side_paths import check_side_args, quantise_with_side_paths
 
 __all__ = ["quantize_model", "QuantReport", "LayerReport", "calibration_ids"]
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 AXIS_CHOICES = ("oc", "ic", "auto")
 
 
@@ -79,6 +79,7 @@ class QuantReport:
     quantized_bytes: int = 0  # bytes of qweight + scales + zeros
     effective_bits: float = 0.0  # parameter-weighted average of the layers' effective bits
     allocation: str = "order"    # "order" (demote by importance) or "knapsack"
+    awq_groups: List[dict] = field(default_factory=list)  # AWQ: per scaling group α and errors
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,9 +95,10 @@ class QuantReport:
 
 
 def calibration_ids(calib=None, tokenizer=None, n_samples: int = 32, seq_len: int = 64,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, align: bool = False) -> torch.Tensor:
     """Calibration token ids from: a ``LongTensor [n, seq_len]`` (used as is), a list of
-    strings, a path or list of paths to text files, or None (the built-in English sentences)."""
+    strings, a path or list of paths to text files, or None (the built-in English sentences).
+    ``align``: windows start at the start of a text line (see ``tokenize_texts``)."""
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"calibration ids must be an integer tensor [n, seq_len], got "
@@ -114,7 +116,7 @@ def calibration_ids(calib=None, tokenizer=None, n_samples: int = 32, seq_len: in
         raise TypeError(f"calib must be token ids, texts, text file path(s) or None, got {type(calib).__name__}")
     if tokenizer is None:
         raise ValueError("calibration from text needs a tokenizer (or pass token ids as calib)")
-    return tokenize_texts(tokenizer, texts, n_samples, seq_len, seed)
+    return tokenize_texts(tokenizer, texts, n_samples, seq_len, seed, align=align)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -144,17 +146,31 @@ def _candidate_specs(axis: str, bits: int, group_size: int, symmetric: bool, sca
     return specs
 
 
-def _quantise(w, spec, method, H, act_order) -> QuantResult:
-    if method == "rtn":
-        return rtn(w, spec)
-    return gptq(w, H, spec, act_order=act_order)
+def _quantise(w, spec, method, H, act_order, clip=True) -> QuantResult:
+    if method in ("rtn", "awq"):  # AWQ: RTN of the scaled weight (scales folded before)
+        return rtn(w, spec, clip=clip, hdiag=torch.diag(H) if clip else None)
+    return gptq(w, H, spec, act_order=act_order, clip=clip)
 
 
-def _quantise_side(w, spec, method, H, act_order, side: dict) -> QuantResult:
+def _quantise_side(w, spec, method, H, act_order, side: dict, clip: bool = True) -> QuantResult:
     """:func:`_quantise` plus the optional side paths (outliers, LoRC: flows/side_paths.py);
     the result's ``weight`` is then the effective weight."""
-    return quantise_with_side_paths(w, spec, lambda w_, s_: _quantise(w_, s_, method, H, act_order),
+    return quantise_with_side_paths(w, spec, lambda w_, s_: _quantise(w_, s_, method, H, act_order, clip),
                                     H, **side)
+
+
+def _awq_block(block, bi, adapter, inputs, dev, group_size, symmetric, scale_dtype, block_bits,
+               layer_bits, clip) -> List[dict]:
+    """AWQ scale search and folding for one block (flows/awq.py), searched with per-OC RTN at
+    each linear's width; returns one report entry per scaling group."""
+    from .awq import awq_block
+
+    def spec_for(name, n, k):
+        width = layer_bits.get(f"{adapter.block_name(bi)}.{name}", block_bits[bi])
+        return _candidate_specs("auto", width, group_size, symmetric, scale_dtype, n, k)[0]
+
+    res = awq_block(block, adapter, inputs, spec_for, device=dev, clip=clip)
+    return [dict(block=bi, **asdict(r)) for r in res]
 
 
 def _quad(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -184,8 +200,8 @@ def _bytes(t) -> int:
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: int = 128,
                    axis: str = "auto", method: str = "gptq", importance: str = "lim",
-                   calib=None, tokenizer=None, n_samples: int = 32, seq_len: int = 64,
-                   batch_size: int = 8, device=None, symmetric: bool = False,
+                   calib=None, tokenizer=None, n_samples: Optional[int] = None,
+                   seq_len: Optional[int] = None, batch_size: int = 8, device=None, symmetric: bool = False,
                    scale_dtype: torch.dtype = torch.float16, act_order: bool = True,
                    high_bits: Optional[int] = None, low_bits: Optional[int] = None,
                    seed: int = 0, adapter: Optional[ModelAdapter] = None,
@@ -193,7 +209,9 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    select_with: str = "applied", outliers: float = 0.0, lorc_rank: int = 0,
                    outlier_criterion: str = "magnitude", side_dtype: torch.dtype = torch.float16,
                    checkpoint_dir=None, resume: bool = False,
-                   on_block_done=None, allocation: str = "order", widths=None) -> QuantReport:
+                   on_block_done=None, allocation: str = "order", widths=None,
+                   clip: bool = True, align: Optional[bool] = None,
+                   block_order=None) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
@@ -211,7 +229,17 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     ``low_bits`` least important first (by ``importance``: ``"lim"``, ``"zd"`` or
     ``"hessian"``) for a fractional ``bits``; ``"knapsack"`` gives each linear a width from
     ``widths`` (default 2, 3, 4, 8) minimising the summed measured RTN output error under the
-    average ``bits`` (any target, integer ones included)."""
+    average ``bits`` (any target, integer ones included).
+
+    Quality options (flows/quantizers.py, flows/awq.py): ``method`` ``"rtn"``, ``"gptq"``,
+    ``"awq"`` (activation-aware scales folded into the preceding norm/linear, then RTN) or
+    ``"awq+gptq"`` (the same scales, then GPTQ); ``clip`` (default on) chooses each group's
+    range by a clipping search minimising its (Hessian-diagonal-weighted) squared error instead
+    of min-max. Calibration: ``n_samples``/``seq_len``/``align`` default by model kind --
+    encoders 256 sequences of 16 tokens starting at sentence starts (one calibration sentence
+    each, shaped like the sentences an encoder embeds), causal LMs 32 random windows of 64
+    tokens. ``block_order``: blocks least important first, used instead of ``importance`` by the
+    fractional-bit allocation (e.g. a random order as a baseline)."""
     run_args = dict(locals())  # every argument, recorded by a checkpoint manifest
     check_side_args(outliers, lorc_rank, side_dtype, outlier_criterion)
     if select_with not in ("applied", "rtn"):
@@ -226,7 +254,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                                side=dict(outliers=outliers, lorc_rank=lorc_rank, side_dtype=side_dtype,
                                          criterion=outlier_criterion),
                                ckpt_args=(checkpoint_dir, resume, on_block_done, run_args),
-                               alloc_args=(allocation, widths))
+                               alloc_args=(allocation, widths),
+                               quality=dict(clip=clip, align=align, block_order=block_order))
     finally:
         torch.set_num_threads(old)
 
@@ -235,7 +264,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
 def _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
                     n_samples, seq_len, batch_size, device, symmetric, scale_dtype, act_order,
                     high_bits, low_bits, seed, adapter, verbose, select_with, side=None,
-                    ckpt_args=(None, False, None, None), alloc_args=("order", None)) -> QuantReport:
+                    ckpt_args=(None, False, None, None), alloc_args=("order", None),
+                    quality=None) -> QuantReport:
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -245,7 +275,11 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
         raise ValueError(f"bits must be a positive number, got {bits!r}")
     adapter = adapter or adapter_for(model)
     blocks = adapter.blocks()
-    ids = calibration_ids(calib, tokenizer, n_samples, seq_len, seed)
+    quality = quality or {}
+    clip, block_order = quality.get("clip", True), quality.get("block_order")
+    n_samples, seq_len, align = default_calibration_shape(adapter.kind, n_samples, seq_len,
+                                                          quality.get("align"))
+    ids = calibration_ids(calib, tokenizer, n_samples, seq_len, seed, align)
     was_training = model.training
     model.eval()
 
@@ -282,15 +316,23 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
         QuantSpec(bits=int(bits))  # validates the width
         demoted, average = [], float(bits)
     else:
-        imp = importance
-        scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
-        alloc = allocate_bits(params, importance_order(scores, importance), float(bits),
-                              high_bits, low_bits)
+        if block_order is not None:
+            order = [int(i) for i in block_order]
+            if sorted(order) != list(range(len(blocks))):
+                raise ValueError(f"block_order must be a permutation of 0..{len(blocks) - 1}, "
+                                 f"got {list(block_order)}")
+            imp = "given order"
+        else:
+            imp = importance
+            scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
+            order = importance_order(scores, importance)
+        alloc = allocate_bits(params, order, float(bits), high_bits, low_bits)
         block_bits, demoted, average = alloc.bits, alloc.demoted, alloc.average
 
     # ---- block by block -----------------------------------------------------------------------
     inputs = capture_block_inputs(model, ids, adapter, batch_size, device)
     layers: List[LayerReport] = []
+    awq_groups: List[dict] = []
     orig_bytes = quant_bytes = 0
     side = side or {}
     checkpoint_dir, resume, on_block_done, run_args = ckpt_args
@@ -317,6 +359,9 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
         dev = torch.device(device) if device is not None else home
         block.to(dev)
         lins = adapter.linears(block)
+        if method.startswith("awq") and axis != "ic":  # per-IC groups are scale-invariant
+            awq_groups += _awq_block(block, bi, adapter, inputs, dev, group_size, symmetric,
+                                     scale_dtype, block_bits, layer_bits, clip)
         hess = {name: HessianAccumulator(weight_oi(m).shape[1], dev) for name, m in lins.items()}
         points = sorted({adapter.measure_point(n) for n in lins} - set(lins)) if axis == "auto" else []
         cap = {p: {"args": [], "kwargs": [], "out": []} for p in points}
@@ -346,7 +391,7 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             width = layer_bits.get(f"{adapter.block_name(bi)}.{name}", block_bits[bi])
             specs = _candidate_specs(axis, width, group_size, symmetric, scale_dtype, n, k)
             sel = method if select_with == "applied" else "rtn"
-            results = {s.axis: _quantise_side(W, s, sel, H, act_order, side) for s in specs}
+            results = {s.axis: _quantise_side(W, s, sel, H, act_order, side, clip) for s in specs}
             point = adapter.measure_point(name)
             mse = {}
             if len(results) > 1:
@@ -373,7 +418,7 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
                 best = next(iter(results))
             res = results[best]
             if sel != method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
-                res = _quantise_side(W, res.spec, method, H, act_order, side)
+                res = _quantise_side(W, res.spec, method, H, act_order, side, clip)
             num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
             den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
             rel = (num / den).item()
@@ -416,4 +461,5 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
         n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
         time_s=time.perf_counter() - started, quantized_params=int(sum(params)),
         original_bytes=orig_bytes, quantized_bytes=quant_bytes, effective_bits=eff,
+        awq_groups=awq_groups,
         allocation=allocation)

@@ -44,11 +44,33 @@ def _finish(w_or_q: torch.Tensor, spec: QuantSpec, scales, zeros) -> QuantResult
     return QuantResult(q, s, z, codes, deq, spec)
 
 
-def rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
-    """Round-to-nearest with min-max scales (``ops.quantize``). ``w`` is ``[N, K]``."""
+def group_params(w: torch.Tensor, spec: QuantSpec, clip: bool = False,
+                 hdiag: Optional[torch.Tensor] = None):
+    """Scales and zeros of every group of ``w [N, K]`` in the canonical shapes (``[N, K/g]``
+    per-OC, ``[K, N/g]`` per-IC): min-max, or with ``clip`` the :func:`mse_params` search,
+    per-OC weighting each input channel's squared error by ``hdiag [K]`` (the Hessian diagonal,
+    i.e. the mean squared activation of that channel) when given."""
+    N, K = w.shape
+    g = spec.group_for(N, K)
+    if spec.axis == "oc":
+        v = w.reshape(N, K // g, g)
+        wt = None if hdiag is None else hdiag.float().reshape(1, K // g, g)
+    else:  # a group lies in one input column, so the Hessian weight is constant across it
+        v = w.t().reshape(K, N // g, g)
+        wt = None
+    return mse_params(v, spec, wt) if clip else minmax_params(v, spec)
+
+
+def rtn(w: torch.Tensor, spec: QuantSpec, clip: bool = False,
+        hdiag: Optional[torch.Tensor] = None) -> QuantResult:
+    """Round-to-nearest of ``w [N, K]``: min-max scales (exactly ``ops.quantize``), or with
+    ``clip`` the per-group clipping search of :func:`group_params`."""
     w = w.detach().float().contiguous()
     spec.check_shape(*w.shape)
-    return _finish(w, spec, None, None)
+    if not clip:
+        return _finish(w, spec, None, None)
+    s, z = group_params(w, spec, True, hdiag)
+    return _finish(w, spec, s, z)
 
 
 def minmax_params(v: torch.Tensor, spec: QuantSpec):
@@ -69,6 +91,65 @@ def minmax_params(v: torch.Tensor, spec: QuantSpec):
         return s, None
     z = torch.round(-lo / s.float()).clamp(0, qmax).to(torch.uint8)
     return s, z
+
+
+def _params_from_range(lo, hi, spec: QuantSpec):
+    """Scale/zero of the format for the range ``[lo, hi]`` (``lo <= 0 <= hi``; for symmetric
+    only ``hi`` = max |v| is used), rounded like :func:`minmax_params`."""
+    qmax = 2 ** spec.bits - 1
+    if spec.symmetric:
+        s = hi / (2 ** (spec.bits - 1) - 1)
+    else:
+        s = (hi - lo) / qmax
+    s = s.to(spec.scale_dtype)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    if spec.symmetric:
+        return s, None
+    z = torch.round(-lo / s.float()).clamp(0, qmax).to(torch.uint8)
+    return s, z
+
+
+#: shrink factors of the clipping search (1 = min-max)
+CLIP_GRID = tuple(round(1.0 - 0.025 * i, 4) for i in range(25))  # 1.0 ... 0.4
+
+
+def mse_params(v: torch.Tensor, spec: QuantSpec, weight: Optional[torch.Tensor] = None,
+               grid=CLIP_GRID):
+    """Clipped scale and zero point of each row of ``v [..., g]``: the range ``[p·min, p·max]``
+    for the shrink factor ``p`` in ``grid`` that minimises the row's (``weight``-weighted, if
+    given; broadcastable to ``v``) squared quantisation error. ``p = 1`` is :func:`minmax_params`,
+    so the result is never worse than min-max on that error (ties keep the larger range).
+    Same return as :func:`minmax_params`."""
+    v = v.float()
+    qmax = 2 ** spec.bits - 1
+    if spec.symmetric:
+        lo0, hi0 = None, v.abs().amax(-1)
+    else:
+        lo0, hi0 = v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0)
+    # all shrink factors at once (a leading grid dimension), in chunks to bound the memory
+    step = max(1, min(len(grid), (1 << 22) // max(1, v.numel())))
+    best_err = best_s = best_z = None
+    for c in range(0, len(grid), step):
+        p = torch.tensor(grid[c:c + step], dtype=v.dtype, device=v.device)
+        p = p.reshape((-1,) + (1,) * hi0.dim())
+        s, z = _params_from_range(None if lo0 is None else lo0 * p, hi0 * p, spec)
+        sf = s.float()[..., None]
+        zf = torch.full_like(sf, 2 ** (spec.bits - 1)) if z is None else z.float()[..., None]
+        d = _fake_f(v, sf, zf, qmax) - v
+        d = d * d
+        err = (d if weight is None else d * weight).sum(-1)  # [P, ...]
+        idx = err.argmin(0, keepdim=True)  # first minimum: the widest range among ties
+        e, s = err.gather(0, idx)[0], s.gather(0, idx)[0]
+        z = None if z is None else z.gather(0, idx)[0]
+        if best_err is None:
+            best_err, best_s, best_z = e, s, z
+            continue
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 def _fake(v: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], spec: QuantSpec):
@@ -116,7 +197,7 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
-         percdamp: float = 0.01, act_order: bool = True) -> QuantResult:
+         percdamp: float = 0.01, act_order: bool = True, clip: bool = False) -> QuantResult:
     """GPTQ of ``w [N, K]`` given the Hessian ``H [K, K]`` of its inputs (see the module doc).
 
     Per-OC with act-order uses static groups (each group's scale and zero from the original
@@ -126,11 +207,11 @@ def gptq(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     intra-op thread when on CPU (the column loop is thousands of tiny ops)."""
     if w.device.type == "cpu":
         with _single_thread():
-            return _gptq(w, H, spec, blocksize, percdamp, act_order)
-    return _gptq(w, H, spec, blocksize, percdamp, act_order)
+            return _gptq(w, H, spec, blocksize, percdamp, act_order, clip)
+    return _gptq(w, H, spec, blocksize, percdamp, act_order, clip)
 
 
-def _gptq(w, H, spec, blocksize, percdamp, act_order):
+def _gptq(w, H, spec, blocksize, percdamp, act_order, clip):
     N, K = w.shape
     spec.check_shape(N, K)
     if tuple(H.shape) != (K, K):
@@ -146,8 +227,9 @@ def _gptq(w, H, spec, blocksize, percdamp, act_order):
 
     static = None
     if spec.axis == "oc" and act_order:
-        static = minmax_params(W.reshape(N, K // g, g), spec)  # [N, K/g] each
+        static = group_params(W, spec, clip, torch.diag(H))  # [N, K/g] each
 
+    hdiag = torch.diag(H).float()
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -197,14 +279,15 @@ def _gptq(w, H, spec, blocksize, percdamp, act_order):
                     if col % g == 0:  # a new group: params from the compensated weight
                         rest = W[:, i2:col + g] if col + g > i2 else W[:, :0]
                         grp = torch.cat([W1[:, i:i + g], rest], dim=1)[:, :g]
-                        cur_s, cur_z = minmax_params(grp, spec)
+                        cur_s, cur_z = (mse_params(grp, spec, hdiag[col:col + g]) if clip
+                                        else minmax_params(grp, spec))
                         S[:, col // g] = cur_s
                         if Z is not None:
                             Z[:, col // g] = cur_z
                     qcol = _fake(wcol, cur_s, cur_z, spec)
             else:
                 v = wcol.reshape(N // g, g)
-                s, z = minmax_params(v, spec)
+                s, z = mse_params(v, spec) if clip else minmax_params(v, spec)
                 S[orig] = s
                 if Z is not None:
                     Z[orig] = z
