@@ -188,3 +188,40 @@ def test_plots(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(PlotsUnavailable, match="pip install matplotlib"):
         plot_report(rep, tmp_path / "none")
+
+
+def test_hawq_layer_errors_and_knapsack_hessian(torch_single_thread):
+    """HAWQ-V3 objective: t_l · ||W − Q(W)||² against the plain-PyTorch quantiser; negative
+    trace estimates clamp to 0; quantize_model(allocation="knapsack", importance="hessian")
+    allocates with it."""
+    from layerpress.flows import quantize_model
+    from layerpress.flows.allocate import hawq_layer_errors
+    from layerpress.flows.importance import hessian_traces
+    from layerpress.flows.report import quantized_layers
+    model = tiny_model("opt", layers=2)
+    ad = adapter_for(model)
+    mods = {f"{ad.block_name(bi)}.{n}": m for bi, b in enumerate(ad.blocks())
+            for n, m in ad.linears(b).items()}
+    traces = {n: (0.5 + i) * (-1 if i == 3 else 1) for i, n in enumerate(mods)}
+    names, params, errors = hawq_layer_errors(model, traces, widths=(2, 4), group_size=32)
+    assert names == list(mods)
+    for i, (name, table) in enumerate(zip(names, errors)):
+        W = weight_oi(mods[name]).double()
+        for bits in (2, 4):
+            best = min((W - reference.dequantize(*reference.quantize(W.float(), s), s).double())
+                       .pow(2).sum().item()
+                       for s in (QuantSpec(bits=bits, group_size=32, axis=a) for a in ("oc", "ic")))
+            want = 0.0 if i == 3 else traces[name] * best
+            assert table[bits] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="no Hessian trace"):
+        hawq_layer_errors(model, {}, widths=(2, 4), group_size=32)
+    model = tiny_model("bert", layers=2)  # the encoder proxy's traces are positive: no ties at 0
+    ids = calib_ids(2, 12)
+    ht = hessian_traces(model, ids, batch_size=8)
+    assert min(ht.linear.values()) > 0
+    want = allocate_knapsack(*hawq_layer_errors(model, ht.linear, widths=(3, 4), group_size=32)[1:],
+                             3.5, widths=(3, 4))
+    rep = quantize_model(model, bits=3.5, method="rtn", calib=ids, importance="hessian",
+                         allocation="knapsack", widths=(3, 4), group_size=32)
+    assert [m.spec.bits for _, m in quantized_layers(model)] == want.bits
+    assert rep.block_scores == pytest.approx(ht.block) and rep.average_bits <= 3.5

@@ -35,7 +35,7 @@ import numpy as np
 from ..spec import BITS
 
 __all__ = ["Allocation", "allocate_bits", "bit_pair", "KnapsackAllocation", "allocate_knapsack",
-           "measure_layer_errors"]
+           "measure_layer_errors", "hawq_layer_errors"]
 
 
 @dataclass
@@ -231,4 +231,52 @@ def measure_layer_errors(model, input_ids, adapter=None, widths: Sequence[int] =
                 errors.append(table)
             inputs.hidden = outs
             block.to(home)
+    return names, params, errors
+
+
+def hawq_layer_errors(model, traces: Mapping[str, float], adapter=None, widths: Sequence[int] = BITS,
+                      group_size: int = 128, axis: str = "auto", symmetric: bool = False,
+                      scale_dtype=None):
+    """HAWQ-V3's knapsack objective per linear: ``{width: t_l · ‖W_l − Q(W_l)‖²_F}`` with ``t_l``
+    the linear's average Hessian trace (``traces[full name]``, e.g. ``HessianTraces.linear``;
+    negative estimates are clamped to 0: the second-order model assumes a PSD Hessian) and ``Q``
+    RTN at that width (``axis="auto"``: the lower of the two axes). Needs no calibration pass.
+    Returns ``(names, params, errors)`` like :func:`measure_layer_errors`."""
+    import torch
+
+    from ..spec import QuantSpec
+    from .models import adapter_for, weight_oi
+    from .quantizers import rtn
+
+    ws = _check_widths(widths)
+    scale_dtype = scale_dtype or torch.float16
+    adapter = adapter or adapter_for(model)
+    axes = ["oc", "ic"] if axis == "auto" else [axis]
+    names, params, errors = [], [], []
+    with torch.no_grad():
+        for bi, block in enumerate(adapter.blocks()):
+            for n, m in adapter.linears(block).items():
+                full = f"{adapter.block_name(bi)}.{n}"
+                if full not in traces:
+                    raise ValueError(f"no Hessian trace for {full}")
+                t = max(float(traces[full]), 0.0)
+                W = weight_oi(m).detach().float()
+                table: Dict[int, float] = {}
+                for w in ws:
+                    best = math.inf
+                    for a in axes:
+                        spec = QuantSpec(bits=w, group_size=group_size, axis=a, symmetric=symmetric,
+                                         scale_dtype=scale_dtype)
+                        try:
+                            spec.check_shape(*W.shape)
+                        except ValueError:
+                            continue
+                        best = min(best, (W - rtn(W, spec).weight).pow(2).sum().item())
+                    if best == math.inf:
+                        raise ValueError(f"{full}: no axis in {axes} fits a {list(W.shape)} weight "
+                                         f"with group_size {group_size}")
+                    table[w] = t * best
+                names.append(full)
+                params.append(W.numel())
+                errors.append(table)
     return names, params, errors

@@ -28,10 +28,10 @@ from torch import nn
 
 from ..nn import QuantLinear
 from ..spec import BITS, QuantSpec
-from .allocate import allocate_bits, allocate_knapsack, measure_layer_errors
+from .allocate import allocate_bits, allocate_knapsack, hawq_layer_errors, measure_layer_errors
 from .calibration import (capture_block_inputs, default_calibration_shape, default_texts,
                           load_texts, run_block, tokenize_texts)
-from .importance import hessian_scores, importance_order, lim_scores, zd_scores
+from .importance import hessian_scores, hessian_traces, importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
 from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
 from .side_paths import check_side_args, quantise_with_side_paths
@@ -228,8 +228,9 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     Allocation (flows/allocate.py): ``allocation="order"`` demotes blocks from ``high_bits`` to
     ``low_bits`` least important first (by ``importance``: ``"lim"``, ``"zd"`` or
     ``"hessian"``) for a fractional ``bits``; ``"knapsack"`` gives each linear a width from
-    ``widths`` (default 2, 3, 4, 8) minimising the summed measured RTN output error under the
-    average ``bits`` (any target, integer ones included).
+    ``widths`` (default 2, 3, 4, 8) minimising a summed per-layer error under the average
+    ``bits`` (any target, integer ones included): with ``importance="hessian"`` HAWQ-V3's
+    ``Tr(H_l)/n_l · ‖W_l − Q(W_l)‖²``, otherwise the measured RTN output error.
 
     Quality options (flows/quantizers.py, flows/awq.py): ``method`` ``"rtn"``, ``"gptq"``,
     ``"awq"`` (activation-aware scales folded into the preceding norm/linear, then RTN) or
@@ -298,10 +299,16 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
         raise ValueError(f"allocation must be 'order' or 'knapsack', got {allocation!r}")
     if allocation == "knapsack":
         imp = importance
-        if importance is not None:  # reported (and plotted); the knapsack uses measured errors
-            scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
-        names, lparams, errs = measure_layer_errors(model, ids, adapter, widths or BITS, group_size,
-                                                    axis, symmetric, scale_dtype, batch_size, device)
+        if importance == "hessian":  # HAWQ-V3: per-linear average trace x ||W - Q(W)||²
+            traces = hessian_traces(model, ids, adapter, batch_size=batch_size, device=device, seed=seed)
+            scores = traces.block
+            names, lparams, errs = hawq_layer_errors(model, traces.linear, adapter, widths or BITS,
+                                                     group_size, axis, symmetric, scale_dtype)
+        else:  # measured RTN output error; the scores are only reported (and plotted)
+            if importance is not None:
+                scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
+            names, lparams, errs = measure_layer_errors(model, ids, adapter, widths or BITS, group_size,
+                                                        axis, symmetric, scale_dtype, batch_size, device)
         ks = allocate_knapsack(lparams, errs, float(bits), widths or BITS)
         layer_bits = dict(zip(names, ks.bits))
         block_bits = []
