@@ -44,7 +44,8 @@ def _load():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_flow_quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.bench_flow_quality",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="only RTN min-max/clip and GPTQ (oc, ic, auto) at W4 and W3, and 3.5 bits")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -100,7 +100,8 @@ def _ref_clip(v, spec, weight, grid):
     """Independent reference: for each row, every shrink factor in turn, in float64."""
     qmax = 2 ** spec.bits - 1
     best = []
-    for row, wt in zip(v.reshape(-1, v.shape[-1]).double(), weight.expand_as(v).reshape(-1, v.shape[-1]).double()):
+    rows = v.reshape(-1, v.shape[-1]).double()
+    for row, wt in zip(rows, weight.expand_as(v).reshape(-1, v.shape[-1]).double()):
         errs = []
         for p in grid:
             if spec.symmetric:
@@ -192,3 +193,30 @@ def test_importance_vs_random_orders_runs_the_given_orders():
     mean = sum(r["mean_cos"] for r in res["random"]) / 3
     assert res["random_mean"]["mean_cos"] == pytest.approx(mean)
     assert 0.5 < res["importance"]["mean_cos"] <= 1.0
+
+
+# ---- calibration shape -------------------------------------------------------------------------------
+
+def test_aligned_calibration_windows_start_at_each_sentence_once():
+    from layerpress.flows.calibration import default_calibration_shape, tokenize_texts
+
+    class Tok:  # one token per word; [CLS]=1 ... [SEP]=2
+        vocab = {}
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
+            return {"input_ids": ([1] + ids + [2]) if add_special_tokens else ids}
+
+    texts = [f"s{i} " + " ".join(f"w{i}_{j}" for j in range(6)) for i in range(5)]
+    tok = Tok()
+    ids = tokenize_texts(tok, texts, n_samples=7, seq_len=6, seed=3, align=True)
+    firsts = [tok.vocab[f"s{i}"] for i in range(5)]
+    assert ids.shape == (7, 6) and (ids[:, 0] == 1).all() and (ids[:, -1] == 2).all()
+    assert sorted(ids[:5, 1].tolist()) == firsts  # every sentence once before any repeats
+    assert set(ids[5:, 1].tolist()) <= set(firsts)
+    rand = tokenize_texts(tok, texts, n_samples=40, seq_len=6, seed=3)
+    assert not set(rand[:, 1].tolist()) <= set(firsts)  # random offsets: mid-sentence starts too
+    assert default_calibration_shape("encoder") == (256, 16, True)
+    assert default_calibration_shape("causal", seq_len=128) == (32, 128, False)
+    with pytest.raises(ValueError, match="kind"):
+        default_calibration_shape("seq2seq")

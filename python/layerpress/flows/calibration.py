@@ -23,7 +23,8 @@ from torch import nn
 
 from .models import ModelAdapter, adapter_for
 
-__all__ = ["load_texts", "default_texts", "tokenize_texts", "default_calibration_shape", "BlockInputs", "capture_block_inputs",
+__all__ = ["load_texts", "default_texts", "tokenize_texts", "default_calibration_shape",
+           "BlockInputs", "capture_block_inputs",
            "run_block", "to_device"]
 
 
