@@ -201,7 +201,8 @@ def _bytes(t) -> int:
 def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: int = 128,
                    axis: str = "auto", method: str = "gptq", importance: str = "lim",
                    calib=None, tokenizer=None, n_samples: Optional[int] = None,
-                   seq_len: Optional[int] = None, batch_size: int = 8, device=None, symmetric: bool = False,
+                   seq_len: Optional[int] = None, batch_size: Optional[int] = None, device=None,
+                   symmetric: bool = False,
                    scale_dtype: torch.dtype = torch.float16, act_order: bool = True,
                    high_bits: Optional[int] = None, low_bits: Optional[int] = None,
                    seed: int = 0, adapter: Optional[ModelAdapter] = None,
@@ -239,7 +240,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     of min-max. Calibration: ``n_samples``/``seq_len``/``align`` default by model kind --
     encoders 256 sequences of 16 tokens starting at sentence starts (one calibration sentence
     each, shaped like the sentences an encoder embeds), causal LMs 32 random windows of 64
-    tokens. ``block_order``: blocks least important first, used instead of ``importance`` by the
+    tokens; ``batch_size`` (sequences per forward) defaults to about 1024 tokens' worth.
+    ``block_order``: blocks least important first, used instead of ``importance`` by the
     fractional-bit allocation (e.g. a random order as a baseline)."""
     run_args = dict(locals())  # every argument, recorded by a checkpoint manifest
     check_side_args(outliers, lorc_rank, side_dtype, outlier_criterion)
@@ -281,6 +283,8 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
     n_samples, seq_len, align = default_calibration_shape(adapter.kind, n_samples, seq_len,
                                                           quality.get("align"))
     ids = calibration_ids(calib, tokenizer, n_samples, seq_len, seed, align)
+    if batch_size is None:  # about 1024 tokens per batch: few, large ops (short sequences too)
+        batch_size = max(1, 1024 // int(ids.shape[1]))
     was_training = model.training
     model.eval()
 
