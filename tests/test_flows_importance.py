@@ -29,6 +29,42 @@ def test_lim_matches_hidden_states_reference(family):
         assert scores[i] == pytest.approx(-cos.mean(), abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_lim_every_block_matches_hooked_reference(family):
+    """All blocks, the last included: block inputs/outputs hooked in one plain forward pass of
+    the whole model (not the flow's capture/run_block), cosines in float64 numpy."""
+    model = tiny_model(family, layers=3)
+    ids = calib_ids(4, 16)
+    scores = lim_scores(model, ids, batch_size=3)
+    ad = adapter_for(model)
+    seen = {}
+    hooks = []
+    for i, block in enumerate(ad.blocks()):
+        hooks.append(block.register_forward_pre_hook(
+            lambda m, a, kw, _i=i: seen.__setitem__(("in", _i), (a[0] if a else kw["hidden_states"]).detach()),
+            with_kwargs=True))
+        hooks.append(block.register_forward_hook(
+            lambda m, a, o, _i=i: seen.__setitem__(("out", _i), (o[0] if isinstance(o, tuple) else o).detach())))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for i in range(3):
+        a = seen[("in", i)].reshape(-1, seen[("in", i)].shape[-1]).numpy().astype(np.float64)
+        b = seen[("out", i)].reshape(-1, a.shape[-1]).numpy().astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert scores[i] == pytest.approx(-cos.mean(), abs=1e-5)
+
+
+def test_zd_conv1d_reference():
+    """GPT-2's Conv1D linears (weight stored [in, out]) pool the same values."""
+    model = tiny_model("gpt2", layers=2)
+    for block, s in zip(adapter_for(model).blocks(), zd_scores(model)):
+        w = np.concatenate([p.detach().numpy().ravel().astype(np.float64)
+                            for n, p in block.named_parameters() if n.endswith("weight") and p.dim() == 2])
+        assert s == pytest.approx((np.abs(w - w.mean()) / w.std(ddof=1) > 1).mean(), abs=1e-12)
+
+
 def test_zd_reference():
     model = tiny_model("opt", layers=2)
     ad = adapter_for(model)
