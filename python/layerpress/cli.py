@@ -311,7 +311,13 @@ def quantize(args) -> int:
     head.append("time s")
     g = "whole" if args.group_size == -1 else args.group_size
     print(f"W{args.bits} g{g}, {report.n_samples} calibration sequences x {report.seq_len} tokens"
-          + (f", importance {args.importance}, demoted blocks {report.demoted}" if report.demoted else ""))
+          + (f", importance {args.importance}, demoted blocks {report.demoted}" if report.demoted else "")
+          + (f", knapsack over widths {args.widths or (2, 3, 4, 8)} ("
+             + ("HAWQ-V3 trace-weighted error" if args.importance == "hessian" else "RTN output error")
+             + "), linears per width " + ", ".join(
+                 f"W{b}: {sum(lay.bits == b for lay in report.layers)}"
+                 for b in sorted({lay.bits for lay in report.layers}))
+             if report.allocation == "knapsack" else ""))
     print(_table(head, rows, left=2))
     if encoder:
         print("  mean/min cos: cosine between mean-pooled sentence embeddings of the quantised and "
