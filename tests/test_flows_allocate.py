@@ -225,3 +225,19 @@ def test_hawq_layer_errors_and_knapsack_hessian(torch_single_thread):
                          allocation="knapsack", widths=(3, 4), group_size=32)
     assert [m.spec.bits for _, m in quantized_layers(model)] == want.bits
     assert rep.block_scores == pytest.approx(ht.block) and rep.average_bits <= 3.5
+
+
+def test_effective_bits_count_side_paths(torch_single_thread):
+    """Outliers and LoRC factors are stored bits too: effective bits = every stored tensor of the
+    layer (state dict, bias and input permutation aside) per weight."""
+    from layerpress.flows import quantize_model
+    model = tiny_model("opt", layers=1)
+    rep = quantize_model(model, bits=4, group_size=32, method="rtn", calib=calib_ids(2, 12),
+                         outliers=0.01, lorc_rank=2)
+    for lay in rep.layers:
+        sd = model.get_submodule(lay.name).state_dict()
+        assert set(sd) - {"qweight", "scales", "zeros", "bias", "in_perm"}  # side paths present
+        stored = sum(t.numel() * t.element_size() for k, t in sd.items() if k not in ("bias", "in_perm"))
+        nk = lay.in_features * lay.out_features
+        assert lay.effective_bits == pytest.approx(8 * stored / nk)
+        assert lay.effective_bits > 4 + 24 / 32 + 16 * 2 * (lay.in_features + lay.out_features) / nk
