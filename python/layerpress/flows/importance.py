@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .calibration import capture_block_inputs, run_block
 from .models import ModelAdapter, adapter_for, weight_oi
+from .progress import progress_bar
 
 __all__ = ["lim_scores", "lim_from_hidden", "zd_scores", "zd_score", "hessian_traces",
            "hessian_scores", "HessianTraces", "rademacher_probe", "importance_order", "IMPORTANCE_KINDS"]
@@ -121,7 +122,8 @@ def rademacher_probe(weights: Sequence[torch.Tensor], seed: int, k: int) -> List
 
 
 def hessian_traces(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[ModelAdapter] = None,
-                   n_probes: int = 16, batch_size: int = 8, device=None, seed: int = 0) -> HessianTraces:
+                   n_probes: int = 16, batch_size: int = 8, device=None, seed: int = 0,
+                   progress: Optional[bool] = None) -> HessianTraces:
     """HAWQ average Hessian traces of every block's linear weights (see the module docstring)
     from ``n_probes`` Rademacher probes on the calibration ids ``[n, seq_len]``. The model is
     run whole on ``device`` (moved there and back) in its own dtype; its weights are unchanged."""
@@ -157,7 +159,8 @@ def hessian_traces(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[
         # One forward and first backward (with its graph) per batch serves every probe; probe k
         # is regenerated identically for each batch from its own seed, so the per-probe sums
         # over batches are vᵀHv of the whole loss.
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
+                progress_bar(len(batches) * n_probes, "Hessian trace", progress, "probe") as bar:
             for ids, ref in zip(batches, refs):
                 loss = _loss_terms(model, ids, causal_lm, ref) / tokens
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
@@ -167,6 +170,7 @@ def hessian_traces(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[
                     hvs = torch.autograd.grad(gv, weights, retain_graph=k + 1 < n_probes)
                     per_tensor[k] += torch.stack([(h.double() * v.double()).sum()
                                                   for h, v in zip(hvs, vs)]).cpu()
+                    bar.update()
                 del loss, grads
     finally:
         for p, f in flags.items():
@@ -193,9 +197,11 @@ def _loss_ref(model, ids):
 
 
 def hessian_scores(model: nn.Module, input_ids: torch.Tensor, adapter: Optional[ModelAdapter] = None,
-                   n_probes: int = 16, batch_size: int = 8, device=None, seed: int = 0) -> List[float]:
+                   n_probes: int = 16, batch_size: int = 8, device=None, seed: int = 0,
+                   progress: Optional[bool] = None) -> List[float]:
     """Per block ``Tr(H_bb)/n_b`` (:func:`hessian_traces`)."""
-    return hessian_traces(model, input_ids, adapter, n_probes, batch_size, device, seed).block
+    return hessian_traces(model, input_ids, adapter, n_probes, batch_size, device, seed,
+                          progress).block
 
 
 def importance_order(scores: Sequence[float], kind: str) -> List[int]:

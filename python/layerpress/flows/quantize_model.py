@@ -33,6 +33,7 @@ from .calibration import (capture_block_inputs, default_calibration_shape, defau
                           load_texts, run_block, tokenize_texts)
 from .importance import hessian_scores, hessian_traces, importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
+from .progress import progress_bar
 from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
 from .side_paths import check_side_args, quantise_with_side_paths
 
@@ -183,13 +184,15 @@ def _ids_fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.detach().cpu().long().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _importance_scores(importance, model, ids, adapter, batch_size, device, seed) -> List[float]:
+def _importance_scores(importance, model, ids, adapter, batch_size, device, seed,
+                       progress: Optional[bool] = None) -> List[float]:
     if importance == "lim":
         return lim_scores(model, ids, adapter, batch_size, device)
     if importance == "zd":
         return zd_scores(model, adapter)
     if importance == "hessian":
-        return hessian_scores(model, ids, adapter, batch_size=batch_size, device=device, seed=seed)
+        return hessian_scores(model, ids, adapter, batch_size=batch_size, device=device, seed=seed,
+                              progress=progress)
     raise ValueError(f"importance must be 'lim', 'zd' or 'hessian', got {importance!r}")
 
 
@@ -212,7 +215,7 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    checkpoint_dir=None, resume: bool = False,
                    on_block_done=None, allocation: str = "order", widths=None,
                    clip: bool = True, align: Optional[bool] = None,
-                   block_order=None) -> QuantReport:
+                   block_order=None, progress: Optional[bool] = None) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
@@ -258,7 +261,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                                          criterion=outlier_criterion),
                                ckpt_args=(checkpoint_dir, resume, on_block_done, run_args),
                                alloc_args=(allocation, widths),
-                               quality=dict(clip=clip, align=align, block_order=block_order))
+                               quality=dict(clip=clip, align=align, block_order=block_order,
+                                            progress=progress))
     finally:
         torch.set_num_threads(old)
 
@@ -304,13 +308,15 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
     if allocation == "knapsack":
         imp = importance
         if importance == "hessian":  # HAWQ-V3: per-linear average trace x ||W - Q(W)||²
-            traces = hessian_traces(model, ids, adapter, batch_size=batch_size, device=device, seed=seed)
+            traces = hessian_traces(model, ids, adapter, batch_size=batch_size, device=device, seed=seed,
+                                    progress=quality.get("progress"))
             scores = traces.block
             names, lparams, errs = hawq_layer_errors(model, traces.linear, adapter, widths or BITS,
                                                      group_size, axis, symmetric, scale_dtype)
         else:  # measured RTN output error; the scores are only reported (and plotted)
             if importance is not None:
-                scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
+                scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed,
+                                            quality.get("progress"))
             names, lparams, errs = measure_layer_errors(model, ids, adapter, widths or BITS, group_size,
                                                         axis, symmetric, scale_dtype, batch_size, device)
         ks = allocate_knapsack(lparams, errs, float(bits), widths or BITS)
@@ -335,7 +341,8 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             imp = "given order"
         else:
             imp = importance
-            scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed)
+            scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed,
+                                            quality.get("progress"))
             order = importance_order(scores, importance)
         alloc = allocate_bits(params, order, float(bits), high_bits, low_bits)
         block_bits, demoted, average = alloc.bits, alloc.demoted, alloc.average
@@ -362,6 +369,8 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
             inputs.hidden = hidden
         if verbose and start:
             print(f"  resumed from {checkpoint_dir}: blocks 0..{start - 1} restored")
+    bar = progress_bar(len(blocks), f"quantising ({method})", quality.get("progress"), "block")
+    bar.update(start)
     for bi, block in enumerate(blocks):
         if bi < start:
             continue
@@ -458,8 +467,10 @@ def _quantize_model(model, bits, group_size, axis, method, importance, calib, to
                             {"original_bytes": orig_bytes - block_bytes0[0],
                              "quantized_bytes": quant_bytes - block_bytes0[1]},
                             inputs.hidden if bi + 1 < len(blocks) else None)
+        bar.update()
         if on_block_done is not None:
             on_block_done(bi)
+    bar.close()
     if ckpt is not None:
         ckpt.finish()
     model.train(was_training)
