@@ -111,12 +111,12 @@ def _fresh_process_outputs(tmp_path, jobs):
 
 
 def test_save_load_fresh_process_identical(tmp_path):
-    """Llama (fractional bits: W4 and W3 layers) and GPT-2 (Conv1D, tied head): quantise, save,
-    load in a fresh process -> identical outputs; also into a model built from the original
-    architecture in this process."""
+    """Llama (fractional bits: W4 and W3 layers), Qwen2, OPT and GPT-2 (Conv1D, tied head):
+    quantise, save, load in a fresh process -> identical outputs; also into a model built from
+    the original architecture in this process."""
     ids = calib_ids()
     jobs, expected = [], []
-    for family in ("llama", "gpt2"):
+    for family in ("llama", "qwen2", "opt", "gpt2"):
         model = tiny_model(family)
         quantize_model(model, bits=3.5 if family == "llama" else 4, calib=ids, method="gptq",
                        high_bits=4, low_bits=3)

@@ -50,6 +50,35 @@ def _median_ms(fn, target_s: float = 0.15, min_repeats: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
+def _forward_ms(model, inputs: dict, repeats: int = 7) -> float:
+    """Median wall time in ms of one no-grad forward of ``model(**inputs)`` after a warm-up."""
+    import torch
+    with torch.inference_mode():
+        model(**inputs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _speed_inputs(tok, encoder: bool) -> dict:
+    """Two inputs for the speed line: one sequence (decode-like small M) and a batch of 32."""
+    import torch
+    from .flows.calibration import default_texts
+    texts = default_texts("heldout")
+    if encoder:
+        one = dict(tok(texts[:1], return_tensors="pt"))
+        batch = dict(tok(texts[:32], padding=True, return_tensors="pt"))
+    else:
+        g = torch.Generator().manual_seed(0)
+        vocab = int(getattr(tok, "vocab_size", 0) or 1000)
+        one = {"input_ids": torch.randint(0, vocab, (1, 16), generator=g)}
+        batch = {"input_ids": torch.randint(0, vocab, (8, 128), generator=g)}
+    return {"1 sequence": one, f"batch of {next(iter(batch.values())).shape[0]}": batch}
+
+
 def _table(head: List[str], rows: List[List[str]], left: int = 1) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
 
@@ -273,6 +302,8 @@ def quantize(args) -> int:
         ref = sentence_embeddings(model, tok)
     else:
         ppl0 = perplexity(model, tok, seq_len=args.seq_len or 64)
+    speed_inputs = _speed_inputs(tok, encoder)
+    speed_fp32 = {k: _forward_ms(model, v) for k, v in speed_inputs.items()}
     calib = [Path(p) for p in args.calib] if args.calib else None
     configs = [(args.method, args.axis)]
     if args.compare:
@@ -322,6 +353,11 @@ def quantize(args) -> int:
     if encoder:
         print("  mean/min cos: cosine between mean-pooled sentence embeddings of the quantised and "
               "the fp32 model on 60 held-out sentences; NN agree: same nearest neighbour")
+    speed_q = {k: _forward_ms(qmodel, v) for k, v in speed_inputs.items()}
+    print(f"forward time, fp32 -> quantised ({torch.get_num_threads()} threads, median of 7): "
+          + "; ".join(f"{k} ({next(iter(v.values())).numel()} tokens) {speed_fp32[k]:.1f} -> "
+                      f"{speed_q[k]:.1f} ms ({speed_fp32[k] / speed_q[k]:.2f}x)"
+                      for k, v in speed_inputs.items()))
     if args.plots:
         from .flows.report import plot_report
         print(f"plots written: {', '.join(str(p) for p in plot_report(report, args.plots))}")
