@@ -465,3 +465,29 @@ def test_cuda_matches_reference(dtype, hidden):
             want = torch.autograd.grad([yc], cpu_leaves, [gy.cpu()])
             for g_, w_ in zip(got, want):
                 assert_grad_close(g_.cpu(), w_.double(), dtype)
+
+
+def test_large_cpu_outputs_reuse_freed_memory_without_aliasing():
+    """Outputs of >= 8 MB come from a cache of freed blocks (cpp/ops/cpu_output_cache.h): a live
+    output is never handed out again, a freed one is reused, and results stay exact."""
+    import layerpress
+    torch.manual_seed(0)
+    x1, x2, x3 = (torch.randn(1024, 4096) for _ in range(3))  # 16 MB outputs
+    w = torch.randn(4096)
+    ref = [torch.nn.functional.rms_norm(x, (4096,), w, 1e-6) for x in (x1, x2, x3)]
+    y1, _ = torch.ops.layerpress.rms_norm(x1, w, 1e-6)
+    y2, _ = torch.ops.layerpress.rms_norm(x2, w, 1e-6)
+    assert y1.data_ptr() != y2.data_ptr()
+    held = layerpress._C.cpu_output_cache_held_bytes()
+    p1 = y1.data_ptr()
+    del y1
+    assert layerpress._C.cpu_output_cache_held_bytes() >= held + x1.numel() * 4
+    y3, _ = torch.ops.layerpress.rms_norm(x3, w, 1e-6)
+    assert y3.data_ptr() == p1  # the freed block, not the live one
+    torch.testing.assert_close(y2, ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y3, ref[2], rtol=1e-5, atol=1e-5)
+    # an output that outlives many later calls keeps its values
+    keep = y2.clone()
+    for _ in range(3):
+        torch.ops.layerpress.rms_norm(x1, w, 1e-6)
+    assert torch.equal(y2, keep)

@@ -17,6 +17,7 @@ namespace py = pybind11;
 
 namespace layerpress {
 bool cuda_ops_built();  // cuda_registry.cpp: true when the CUDA op library was compiled in
+size_t cpu_output_cache_held_bytes();  // cpu_output_cache.cpp
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -47,4 +48,6 @@ PYBIND11_MODULE(_C, m) {
     if (!layerpress::cpu_gemm_select(name))
       throw py::value_error("unknown or unsupported CPU GEMM variant '" + name + "'");
   }, "Force a CPU GEMM variant by name ('' restores the automatic choice). For tests and benchmarks.");
+  m.def("cpu_output_cache_held_bytes", &layerpress::cpu_output_cache_held_bytes,
+        "Bytes of freed large CPU outputs held for reuse (cpp/ops/cpu_output_cache.h). For tests.");
 }

@@ -1,11 +1,7 @@
 // CPU launchers of the fused norm ops: checks and plumbing in norm_launch.h, kernels from
 // cpu_norm_active() (AVX-512 or portable, chosen at run time).
 #include <ATen/ATen.h>
-#include <sys/mman.h>
 #include <torch/library.h>
-
-#include <cstdlib>
-#include <cstring>
 
 #include "norm_launch.h"
 
@@ -15,33 +11,9 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// Large outputs are fresh mmap'd memory (glibc serves >= 32 MB allocations by mmap), and the
-// kernel's first write faults every 4 KB page in: at 4096 x 2048 fp32 that costs more than the
-// kernel itself. Asking for transparent huge pages (what torch's own THP_MEM_ALLOC_ENABLE=1 does
-// for every allocation) makes that 512x fewer faults. No effect where THP is off;
-// LAYERPRESS_NORM_HUGEPAGES=0 disables it.
-void advise_huge_pages(const Tensor& t) {
-#ifdef MADV_HUGEPAGE
-  static const bool enabled = [] {
-    const char* e = std::getenv("LAYERPRESS_NORM_HUGEPAGES");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t n = t.nbytes();
-  if (!enabled || n < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t s = (p + kHuge - 1) & ~(kHuge - 1), e = (p + n) & ~(kHuge - 1);
-  if (e > s) (void)madvise(reinterpret_cast<void*>(s), e - s, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 NormFwdPlan run_forward(const Tensor& x, const optional<Tensor>& residual, const optional<Tensor>& weight,
                         const optional<Tensor>& bias, double eps, bool center) {
   NormFwdPlan p = plan_norm_forward(x, residual, weight, bias, eps, center);
-  advise_huge_pages(p.y);
-  if (p.h.defined()) advise_huge_pages(p.h);
   cpu_norm_active().forward(p.a, torch_parallel_for());
   return p;
 }
@@ -74,7 +46,6 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_y, const Ten
                                                  const optional<Tensor>& weight, const Tensor& rstd,
                                                  const optional<Tensor>& grad_h, bool weight_grad) {
   NormBwdPlan p = plan_norm_backward(grad_y, x, weight, c10::nullopt, rstd, grad_h, weight_grad, false, false);
-  advise_huge_pages(p.grad_x);
   cpu_norm_active().backward(p.a, torch_parallel_for());
   return {p.grad_x, p.grad_w};
 }
@@ -85,7 +56,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_y,
                                                            const optional<Tensor>& grad_h,
                                                            bool weight_grad, bool bias_grad) {
   NormBwdPlan p = plan_norm_backward(grad_y, x, weight, mean, rstd, grad_h, weight_grad, bias_grad, true);
-  advise_huge_pages(p.grad_x);
   cpu_norm_active().backward(p.a, torch_parallel_for());
   return {p.grad_x, p.grad_w, p.grad_b};
 }

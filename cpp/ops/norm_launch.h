@@ -7,10 +7,16 @@
 
 #include <cmath>
 
+#include "cpu_output_cache.h"
 #include "launch_utils.h"
 #include "layerpress/norm_kernels.h"
 
 namespace layerpress {
+
+// Full-size outputs: on the CPU from the output cache (no page faults on repeated calls).
+inline at::Tensor empty_norm_output(const at::Tensor& x) {
+  return x.is_cpu() ? empty_cpu_output(x.sizes(), x.options()) : at::empty(x.sizes(), x.options());
+}
 
 inline NormType norm_type_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -85,7 +91,7 @@ inline NormFwdPlan plan_norm_forward(const at::Tensor& x, const c10::optional<at
   const int64_t R = p.x2.size(0);
   const auto lead = x.sizes().slice(0, x.dim() - 1);
   const auto sopt = x.options().dtype(norm_stat_dtype(x));
-  p.y = at::empty(x.sizes(), x.options());
+  p.y = empty_norm_output(x);
   p.rstd = at::empty(lead, sopt);
   p.mean = center ? at::empty(lead, sopt) : at::Tensor();
   NormFwdArgs& a = p.a;
@@ -98,7 +104,7 @@ inline NormFwdPlan plan_norm_forward(const at::Tensor& x, const c10::optional<at
   a.x_stride = row_stride(p.x2);
   if (residual.has_value()) {
     p.r2 = norm_rows(*residual, C);
-    p.h = at::empty(x.sizes(), x.options());
+    p.h = empty_norm_output(x);
     a.residual = p.r2.data_ptr();
     a.res_stride = row_stride(p.r2);
     a.h = p.h.data_ptr();
@@ -146,7 +152,7 @@ inline NormBwdPlan plan_norm_backward(const at::Tensor& grad_y, const at::Tensor
   p.g2 = norm_rows(grad_y, C);
   p.rstd = rstd.contiguous();
   if (center) p.mean = mean->contiguous();
-  p.grad_x = at::empty(x.sizes(), x.options());
+  p.grad_x = empty_norm_output(x);
   p.grad_w = at::empty({weight_grad ? C : 0}, x.options());
   p.grad_b = at::empty({bias_grad ? C : 0}, x.options());
   NormBwdArgs& a = p.a;
