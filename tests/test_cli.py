@@ -178,6 +178,7 @@ def test_quantize_allocation_flags(saved, tmp_path, capsys):
     rc, out, err = _run(capsys, *common, "--bits", "3.25", "--allocation", "knapsack",
                         "--plots", tmp_path / "plots", "--importance", "zd", "--out", tmp_path / "q")
     assert rc == 0, err
+    assert re.search(r"forward time, fp32 -> quantised .*1 sequence \(16 tokens\) [\d.]+ -> [\d.]+ ms", out), out
     assert re.search(r"knapsack over widths \(2, 3, 4, 8\) \(RTN output error\), linears per "
                      r"width W\d: \d+", out), out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["bits.png", "scores.png"]

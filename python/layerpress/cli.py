@@ -50,17 +50,21 @@ def _median_ms(fn, target_s: float = 0.15, min_repeats: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
-def _forward_ms(model, inputs: dict, repeats: int = 7) -> float:
-    """Median wall time in ms of one no-grad forward of ``model(**inputs)`` after a warm-up."""
+def _forward_ms_pair(models, inputs: dict, rounds: int = 7) -> list:
+    """Median wall time in ms of one no-grad forward of each model on ``inputs``, timed in
+    alternation (one call of each per round, after a warm-up call of each), so a slow spell of
+    a shared machine hits both alike."""
     import torch
+    times = [[] for _ in models]
     with torch.inference_mode():
-        model(**inputs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for m in models:
+            m(**inputs)
+        for _ in range(rounds):
+            for t, m in zip(times, models):
+                t0 = time.perf_counter()
+                m(**inputs)
+                t.append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def _speed_inputs(tok, encoder: bool) -> dict:
@@ -303,7 +307,8 @@ def quantize(args) -> int:
     else:
         ppl0 = perplexity(model, tok, seq_len=args.seq_len or 64)
     speed_inputs = _speed_inputs(tok, encoder)
-    speed_fp32 = {k: _forward_ms(model, v) for k, v in speed_inputs.items()}
+    # the fp32 model is quantised in place below: keep a copy to time against
+    model_fp32 = copy.deepcopy(model)
     calib = [Path(p) for p in args.calib] if args.calib else None
     configs = [(args.method, args.axis)]
     if args.compare:
@@ -353,8 +358,10 @@ def quantize(args) -> int:
     if encoder:
         print("  mean/min cos: cosine between mean-pooled sentence embeddings of the quantised and "
               "the fp32 model on 60 held-out sentences; NN agree: same nearest neighbour")
-    speed_q = {k: _forward_ms(qmodel, v) for k, v in speed_inputs.items()}
-    print(f"forward time, fp32 -> quantised ({torch.get_num_threads()} threads, median of 7): "
+    speed = {k: _forward_ms_pair([model_fp32, qmodel], v) for k, v in speed_inputs.items()}
+    speed_fp32 = {k: t[0] for k, t in speed.items()}
+    speed_q = {k: t[1] for k, t in speed.items()}
+    print(f"forward time, fp32 -> quantised ({torch.get_num_threads()} threads, alternating, median of 7): "
           + "; ".join(f"{k} ({next(iter(v.values())).numel()} tokens) {speed_fp32[k]:.1f} -> "
                       f"{speed_q[k]:.1f} ms ({speed_fp32[k] / speed_q[k]:.2f}x)"
                       for k, v in speed_inputs.items()))
