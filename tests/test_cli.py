@@ -185,3 +185,14 @@ def test_quantize_allocation_flags(saved, tmp_path, capsys):
     rc, out, _ = _run(capsys, "inspect", tmp_path / "q", "--json")
     t = json.loads(out)["totals"]
     assert t["allocation"] == "knapsack" and t["average_code_bits"] <= 3.25
+
+
+def test_threads_flag_does_not_leak_into_the_caller(saved, capsys):
+    import torch
+    _, orig = saved["llama"]
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    rc, _, err = _run(capsys, "quantize", "--model", str(orig), "--method", "rtn", "--group-size",
+                      "32", "--n-samples", "2", "--seq-len", "16", "--threads", str(other))
+    assert rc == 0, err
+    assert torch.get_num_threads() == before

@@ -245,3 +245,14 @@ def test_axis_selected_with_rtn_then_gptq():
     assert sum(layer.rel_error for layer in b.layers) < sum(layer.rel_error for layer in a.layers)
     with pytest.raises(ValueError, match="select_with"):
         quantize_model(tiny_model("opt"), calib=ids, select_with="gptq")
+
+
+def test_saved_config_records_the_model_dtype(tmp_path):
+    """A config-built model has no dtype in its config; the saved one names the model's float
+    dtype (else transformers' dtype="auto" would pick the fp16 scales' dtype)."""
+    import json as _json
+    model = tiny_model("llama")
+    assert getattr(model.config, "dtype", None) in (None, torch.float32)
+    quantize_model(model, bits=4, calib=calib_ids(), method="rtn", axis="oc")
+    cfg = _json.loads((save_quantized(model, tmp_path / "m") / "config.json").read_text())
+    assert cfg.get("dtype") == "float32" or cfg.get("torch_dtype") == "float32", cfg.get("dtype")

@@ -739,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # --threads applies to this command only: an in-process caller keeps its own setting
+    torch_mod = sys.modules.get("torch")
+    threads0 = torch_mod.get_num_threads() if torch_mod is not None else None
     try:
         if argv and argv[0] == "bench":
             return bench(argv[1:])
@@ -766,6 +769,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # silence the flush at exit
         return 1
+    finally:
+        if threads0 is not None and torch_mod.get_num_threads() != threads0:
+            torch_mod.set_num_threads(threads0)
     return 0
 
 

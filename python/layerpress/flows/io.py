@@ -89,6 +89,12 @@ def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = F
     if extra is not None:
         qcfg["extra"] = extra
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    if cfg.get("dtype") is None and cfg.get("torch_dtype") is None:
+        # config-built models carry no dtype; without one, transformers' dtype="auto" would take
+        # the first float tensor it meets (a layer's fp16 scales) as the model's dtype
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        if floats:
+            cfg["dtype"] = str(floats[0]).replace("torch.", "")
     cfg["quantization_config"] = qcfg
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
