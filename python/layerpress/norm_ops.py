@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import ops as _ops_mod
+
 _ops = torch.ops.layerpress
 
 __all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm"]
@@ -168,3 +170,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
     """``h = x + residual; y = layer_norm(h)``; returns ``(y, h)``."""
     y, h, _, _ = _ops.add_layer_norm(x, residual, weight, bias, float(eps))
     return y, h
+
+
+for _name in ("rms_norm_backward", "layer_norm_backward"):  # no double backward
+    _ops_mod.register_no_gradient(f"layerpress::{_name}")

@@ -125,6 +125,43 @@ def _gemm_backward(ctx, grad):
 torch.library.register_autograd("layerpress::gemm", _gemm_backward, setup_context=_gemm_setup_context)
 
 
+def _gemm_t_setup_context(ctx, inputs, output):
+    grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.params = (bits, group_size, axis, layout, out_features)
+
+
+def _gemm_t_backward(ctx, g):
+    # gemm_t(G) = G · W is linear in G; its adjoint is gemm without bias (double backward of gemm)
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_in = None
+    if ctx.needs_input_grad[0]:
+        grad_in = _ops.gemm(g.contiguous(), qweight, scales, zeros, None, *ctx.params)
+    return (grad_in,) + (None,) * 8
+
+
+torch.library.register_autograd("layerpress::gemm_t", _gemm_t_backward,
+                                setup_context=_gemm_t_setup_context)
+
+
+def register_no_gradient(qualname: str) -> None:
+    """Autograd for an op that has no gradient (integer codes, packing, backward kernels,
+    sampling): a backward through it raises an error naming the op, instead of torch's
+    fallback warning and a gradient that is silently missing."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{qualname} is not differentiable (layerpress registers no gradient "
+                           "for it); detach its inputs, or see docs/api.md for the ops that have one")
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+for _name in ("quantize", "pack", "unpack", "dequantize", "repack", "unrepack"):
+    register_no_gradient(f"layerpress::{_name}")
+
+
 # ---- typed wrappers ------------------------------------------------------------------------------
 
 def quantize(weight: torch.Tensor, spec: QuantSpec, scales: Optional[torch.Tensor] = None,

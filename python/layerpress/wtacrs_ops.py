@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from . import ops as _ops_mod
+
 _ops = torch.ops.layerpress
 
 
@@ -115,3 +117,8 @@ def _(x, k, seed):
 def draw_seed_tensor(generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """:func:`draw_seed` as a 0-d int64 CPU tensor."""
     return torch.randint(0, 2 ** 62, (), generator=generator, dtype=torch.int64)
+
+
+for _name in ("wtacrs_row_norms", "wtacrs_select", "wtacrs_gather_scale", "wtacrs_wgrad",
+              "wtacrs_sample"):  # sampling and the sampled weight gradient: used inside backward
+    _ops_mod.register_no_gradient(f"layerpress::{_name}")
