@@ -479,6 +479,40 @@ def test_apply_lora_qlora_llama():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("quant", [False, True])
+def test_apply_lora_gpt2_conv1d(quant):
+    """GPT-2's default targets are Conv1D layers: wrapped (quantised first with a spec); the
+    output is unchanged at initialisation (B = 0) up to the quantisation, and it trains."""
+    torch.manual_seed(0)
+    t = transformers  # n_inner 64: QuantLinear needs in_features % 32 == 0
+    model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_head=2, n_layer=2, n_inner=64,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    spec = QuantSpec(bits=8, group_size=32) if quant else None
+    names = apply_lora(model, r=4, ratio=None, quant_spec=spec)
+    assert names and all(type(model.get_submodule(n)).__name__ == "LoRALinear" for n in names)
+    assert all(isinstance(model.get_submodule(n).base, QuantLinear) == quant for n in names)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    if quant:
+        assert ((out - ref).norm() / ref.norm()).item() < 0.02
+    else:
+        torch.testing.assert_close(out, ref)
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and p.grad is not None for n, p in trainable)
+
+
+def test_apply_lora_no_match_changes_nothing():
+    model = _tiny("llama")
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="no nn.Linear, QuantLinear or Conv1D module matches"):
+        apply_lora(model, targets=["no_such_layer"])
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
 def test_peft_lora_down_projections():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)

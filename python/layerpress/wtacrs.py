@@ -298,22 +298,39 @@ def apply_wtacrs(model: nn.Module, ratio: float = 0.3, targets: Optional[Sequenc
 def apply_lora(model: nn.Module, targets: Optional[Sequence[str]] = None, r: int = 8,
                alpha: float = 16.0, ratio: Optional[float] = 0.3, min_k: int = 10,
                quant_spec=None, generator: Optional[torch.Generator] = None) -> List[str]:
-    """Freezes ``model`` and wraps each target linear in a :class:`LoRALinear` (WTA-CRS on the
-    down-projection unless ``ratio`` is None). With ``quant_spec`` (a
-    :class:`~layerpress.QuantSpec`) the frozen base is first quantised to a ``QuantLinear``
-    (QLoRA-style). Returns the names wrapped."""
+    """Freezes ``model`` and wraps each target linear (``nn.Linear``, ``QuantLinear`` or GPT-2
+    ``Conv1D``) in a :class:`LoRALinear` (WTA-CRS on the down-projection unless ``ratio`` is
+    None). With ``quant_spec`` (a :class:`~layerpress.QuantSpec`) a float base is first
+    quantised to a ``QuantLinear`` (QLoRA-style). Returns the names wrapped; if no module
+    matches, raises before anything is frozen."""
     from .nn import QuantLinear  # late import: nn re-exports this module
     tg = _targets(model, targets)
+
+    def wrappable(mod):
+        return type(mod) is nn.Linear or isinstance(mod, QuantLinear) or type(mod).__name__ == "Conv1D"
+
+    chosen = [(name, mod) for name, mod in model.named_modules()
+              if name and _matches(name, tg) and wrappable(mod)]
+    if not chosen:  # checked before anything is frozen or replaced
+        raise ValueError(f"apply_lora: no nn.Linear, QuantLinear or Conv1D module matches targets "
+                         f"{list(tg)}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, mod in list(model.named_modules()):
-        if not name or not _matches(name, tg) or type(mod) is not nn.Linear:
-            continue
-        base = QuantLinear.from_linear(mod, quant_spec) if quant_spec is not None else mod
+    for name, mod in chosen:
+        base = mod
+        if quant_spec is not None and not isinstance(mod, QuantLinear):
+            if type(mod).__name__ == "Conv1D":  # GPT-2 stores the weight [in, out]
+                lin = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], bias=mod.bias is not None,
+                                device=mod.weight.device, dtype=mod.weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(mod.weight.t())
+                    if mod.bias is not None:
+                        lin.bias.copy_(mod.bias)
+                mod = lin
+            base = QuantLinear.from_linear(mod, quant_spec)
+            base.requires_grad_(False)
         _replace(model, name, LoRALinear(base, r=r, alpha=alpha, ratio=ratio, min_k=min_k,
                                          generator=generator))
         wrapped.append(name)
-    if not wrapped:
-        raise ValueError(f"apply_lora: no nn.Linear module matches targets {list(tg)}")
     return wrapped
