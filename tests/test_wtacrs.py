@@ -505,6 +505,24 @@ def test_apply_lora_gpt2_conv1d(quant):
     assert trainable and all("lora_" in n and p.grad is not None for n, p in trainable)
 
 
+def test_apply_lora_on_an_already_quantised_model():
+    torch.manual_seed(0)
+    model = _tiny("llama", intermediate=64).train()
+    model.config.use_cache = False
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and name.startswith("model.layers"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf,
+                    QuantLinear.from_linear(mod, QuantSpec(bits=4, group_size=32)))
+    names = apply_lora(model, r=4, ratio=0.3)
+    assert len(names) == 2 * 4
+    assert all(isinstance(model.get_submodule(n).base, QuantLinear) for n in names)
+    ids = torch.randint(0, 64, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and p.grad is not None for n, p in trainable)
+
+
 def test_apply_lora_no_match_changes_nothing():
     model = _tiny("llama")
     flags = [p.requires_grad for p in model.parameters()]
