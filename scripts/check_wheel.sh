@@ -6,7 +6,7 @@
 # a torch per version).
 #
 #   bash scripts/check_wheel.sh [TORCH_VERSION ...]     # default: 2.13.0
-#   KEEP=1 bash scripts/check_wheel.sh 2.13.0 2.14.1    # keep the work directory
+#   KEEP=1 bash scripts/check_wheel.sh 2.13.0 2.14.1    # keep the work directory (and logs)
 #
 # Exit status: 0 when every version passed; the last line per version says what happened.
 set -euo pipefail
@@ -40,6 +40,7 @@ for v in "${versions[@]}"; do
   echo "check_wheel: torch $v: imports $where"
   rc=0
   (cd "$work" && "$env/bin/python" -m pytest -q -p no:cacheprovider "$LP_ROOT/tests" -x) > "$work/pytest-$v.log" 2>&1 || rc=$?
+  grep -E "^(FAILED|ERROR) " "$work/pytest-$v.log" || true  # kept even when the work dir goes
   tail -1 "$work/pytest-$v.log"
   if [ "$rc" = 0 ]; then echo "check_wheel: torch $v: PASSED"; else echo "check_wheel: torch $v: FAILED (log: $work/pytest-$v.log)"; status=1; fi
 done
