@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -78,8 +78,6 @@ def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = F
                    extra: Optional[dict] = None) -> Path:
     """Writes ``model`` (with its ``QuantLinear`` layers) to the directory ``path`` atomically.
     ``extra`` (JSON-serialisable, e.g. a report) is stored under ``quantization_config.extra``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
@@ -96,14 +94,31 @@ def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = F
         if floats:
             cfg["dtype"] = str(floats[0]).replace("torch.", "")
     cfg["quantization_config"] = qcfg
+    return write_checkpoint(path, tensors, cfg, overwrite=overwrite,
+                            metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)})
+
+
+def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], config: dict,
+                     extra_json: Optional[Dict[str, dict]] = None, overwrite: bool = False,
+                     metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Writes ``model.safetensors`` + ``config.json`` (+ extra JSON files) to the directory
+    ``path`` atomically: everything goes to a temporary directory beside it, which is then
+    renamed into place, so an interrupted write never leaves a complete-looking checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)})
-        with open(tmp / CONFIG, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+                  metadata=metadata or {"format": "pt"})
+        for name, obj in {CONFIG: config, **(extra_json or {})}.items():
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, sort_keys=True, default=str)
+                f.flush()
+                os.fsync(f.fileno())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import nn
 
 from ..nn import QuantLinear
 from ..spec import GROUP_SIZES, SCALE_DTYPES
+from ..flows.io import write_checkpoint  # noqa: F401  (the one atomic writer; used by awq/gptq)
 from ..flows.models import get_submodule, is_conv1d
 
 CONFIG = "config.json"
@@ -384,38 +382,6 @@ def float_tensors(model: nn.Module, layers: Iterable[str]) -> Dict[str, torch.Te
         if not tied:
             out[dropped] = out[kept].clone()
     return out
-
-
-def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], config: dict,
-                     extra_json: Optional[Dict[str, dict]] = None, overwrite: bool = False) -> Path:
-    """Writes ``model.safetensors`` + ``config.json`` (+ extra JSON files) to ``path`` atomically:
-    everything goes to a temporary directory beside it, which is then renamed into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt"})
-        for name, obj in {CONFIG: config, **(extra_json or {})}.items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=2, sort_keys=True, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def hf_config(model: nn.Module, qcfg: dict) -> dict:
