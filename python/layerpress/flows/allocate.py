@@ -173,6 +173,30 @@ def allocate_knapsack(params: Sequence[int], errors: Sequence[Mapping[int, float
                               float(target), ws, exact)
 
 
+def _rtn_error_table(W, widths, axes, group_size, symmetric, scale_dtype, error_of, name):
+    """``{width: min over axes of error_of(W − RTN(W))}`` for one ``[out, in]`` weight; axes
+    whose groups do not fit the shape are skipped (an error names the layer if none fits)."""
+    from ..spec import QuantSpec
+    from .quantizers import rtn
+
+    table: Dict[int, float] = {}
+    for w in widths:
+        best = math.inf
+        for a in axes:
+            spec = QuantSpec(bits=w, group_size=group_size, axis=a, symmetric=symmetric,
+                             scale_dtype=scale_dtype)
+            try:
+                spec.check_shape(*W.shape)
+            except ValueError:
+                continue
+            best = min(best, error_of(W - rtn(W, spec).weight))
+        if best == math.inf:
+            raise ValueError(f"{name}: no axis in {axes} fits a {list(W.shape)} weight with "
+                             f"group_size {group_size}")
+        table[w] = best
+    return table
+
+
 def measure_layer_errors(model, input_ids, adapter=None, widths: Sequence[int] = BITS,
                          group_size: int = 128, axis: str = "auto", symmetric: bool = False,
                          scale_dtype=None, batch_size: int = 8, device=None):
@@ -182,10 +206,9 @@ def measure_layer_errors(model, input_ids, adapter=None, widths: Sequence[int] =
     ``(names, params, errors)`` with full module names. The model is not modified."""
     import torch
 
-    from ..spec import QuantSpec
     from .calibration import capture_block_inputs, run_block
     from .models import adapter_for, weight_oi
-    from .quantizers import HessianAccumulator, rtn
+    from .quantizers import HessianAccumulator
 
     ws = _check_widths(widths)
     scale_dtype = scale_dtype or torch.float16
@@ -209,23 +232,11 @@ def measure_layer_errors(model, input_ids, adapter=None, widths: Sequence[int] =
                     h.remove()
             for n, m in lins.items():
                 W = weight_oi(m).detach().float()
-                H = acc[n].H.float()
-                table: Dict[int, float] = {}
-                for w in ws:
-                    best = math.inf
-                    for a in axes:
-                        spec = QuantSpec(bits=w, group_size=group_size, axis=a, symmetric=symmetric,
-                                         scale_dtype=scale_dtype)
-                        try:
-                            spec.check_shape(*W.shape)
-                        except ValueError:
-                            continue
-                        D = W - rtn(W, spec).weight
-                        best = min(best, ((D @ H) * D).sum().clamp_min(0).item() / acc[n].n)
-                    if best == math.inf:
-                        raise ValueError(f"{adapter.block_name(bi)}.{n}: no axis in {axes} fits a "
-                                         f"{list(W.shape)} weight with group_size {group_size}")
-                    table[w] = best
+                H, tokens = acc[n].H.float(), acc[n].n
+                table = _rtn_error_table(
+                    W, ws, axes, group_size, symmetric, scale_dtype,
+                    lambda D, H=H, tokens=tokens: ((D @ H) * D).sum().clamp_min(0).item() / tokens,
+                    f"{adapter.block_name(bi)}.{n}")
                 names.append(f"{adapter.block_name(bi)}.{n}")
                 params.append(W.numel())
                 errors.append(table)
@@ -244,9 +255,7 @@ def hawq_layer_errors(model, traces: Mapping[str, float], adapter=None, widths: 
     Returns ``(names, params, errors)`` like :func:`measure_layer_errors`."""
     import torch
 
-    from ..spec import QuantSpec
     from .models import adapter_for, weight_oi
-    from .quantizers import rtn
 
     ws = _check_widths(widths)
     scale_dtype = scale_dtype or torch.float16
@@ -261,21 +270,9 @@ def hawq_layer_errors(model, traces: Mapping[str, float], adapter=None, widths: 
                     raise ValueError(f"no Hessian trace for {full}")
                 t = max(float(traces[full]), 0.0)
                 W = weight_oi(m).detach().float()
-                table: Dict[int, float] = {}
-                for w in ws:
-                    best = math.inf
-                    for a in axes:
-                        spec = QuantSpec(bits=w, group_size=group_size, axis=a, symmetric=symmetric,
-                                         scale_dtype=scale_dtype)
-                        try:
-                            spec.check_shape(*W.shape)
-                        except ValueError:
-                            continue
-                        best = min(best, (W - rtn(W, spec).weight).pow(2).sum().item())
-                    if best == math.inf:
-                        raise ValueError(f"{full}: no axis in {axes} fits a {list(W.shape)} weight "
-                                         f"with group_size {group_size}")
-                    table[w] = t * best
+                table = _rtn_error_table(W, ws, axes, group_size, symmetric, scale_dtype,
+                                         lambda D: D.pow(2).sum().item(), full)
+                table = {w: t * e for w, e in table.items()}
                 names.append(full)
                 params.append(W.numel())
                 errors.append(table)
