@@ -317,10 +317,16 @@ def print_table(results: List[dict], file) -> None:
                      "fp32" if r["dtype"] == "float32" else "bf16", fmt_ms(r["median_ms"]),
                      fmt_ms(c), fmt_ms(fp32), fmt_ms(bf16), fmt_ms(i4),
                      fmt_ratio(fp32, r["median_ms"]), fmt_ratio(i4, r["median_ms"])])
+    print_aligned_table("CPU low-bit GEMM, median ms per call (group 128, asymmetric; "
+                        "'vs X' = X's time / layerpress's time, >1 means layerpress is faster)",
+                        head, rows, file)
+
+
+def print_aligned_table(title: str, head: List[str], rows: List[List[str]], file) -> None:
+    """A title line, then right-aligned columns under a header and a rule."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print("", file=file)
-    print("CPU low-bit GEMM, median ms per call (group 128, asymmetric; "
-          "'vs X' = X's time / layerpress's time, >1 means layerpress is faster)", file=file)
+    print(title, file=file)
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)), file=file)
     print("  ".join("-" * w for w in widths), file=file)
     for row in rows:

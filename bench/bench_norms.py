@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import layerpress
 from layerpress import norm_ops
 
-from .bench_gemm import Reporter, UsageError, fmt_ms, fmt_ratio, machine_info, measure
+from .bench_gemm import (Reporter, UsageError, fmt_ms, fmt_ratio, machine_info, measure,
+                         print_aligned_table)
 
 OPS = ["rms_norm", "add_rms_norm", "layer_norm"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -140,15 +141,9 @@ def print_table(results: List[dict], file) -> None:
         out.append([mode, op, "fp32" if dtype == "float32" else "bf16", str(h), str(t), fmt_ms(lp),
                     fmt_ms(d.get("eager")), fmt_ms(d.get("compile")), gbs,
                     fmt_ratio(d.get("eager"), lp), fmt_ratio(d.get("compile"), lp)])
-    widths = [max(len(hh), *(len(row[i]) for row in out)) for i, hh in enumerate(head)]
-    print("", file=file)
-    print("CPU fused norms, median ms per call ('vs X' = X's time / layerpress's time, >1 means "
-          "layerpress is faster; GB/s = bytes read + written by the forward / time)", file=file)
-    print("  ".join(hh.rjust(w) for hh, w in zip(head, widths)), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for row in out:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
-    file.flush()
+    print_aligned_table("CPU fused norms, median ms per call ('vs X' = X's time / layerpress's "
+                        "time, >1 means layerpress is faster; GB/s = bytes read + written by the "
+                        "forward / time)", head, out, file)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
