@@ -303,14 +303,12 @@ def apply_lora(model: nn.Module, targets: Optional[Sequence[str]] = None, r: int
     None). With ``quant_spec`` (a :class:`~layerpress.QuantSpec`) a float base is first
     quantised to a ``QuantLinear`` (QLoRA-style). Returns the names wrapped; if no module
     matches, raises before anything is frozen."""
-    from .nn import QuantLinear  # late import: nn re-exports this module
+    from .flows.models import is_conv1d, weight_oi  # late imports: nn re-exports this module
+    from .nn import QuantLinear
     tg = _targets(model, targets)
-
-    def wrappable(mod):
-        return type(mod) is nn.Linear or isinstance(mod, QuantLinear) or type(mod).__name__ == "Conv1D"
-
     chosen = [(name, mod) for name, mod in model.named_modules()
-              if name and _matches(name, tg) and wrappable(mod)]
+              if name and _matches(name, tg)
+              and (type(mod) is nn.Linear or isinstance(mod, QuantLinear) or is_conv1d(mod))]
     if not chosen:  # checked before anything is frozen or replaced
         raise ValueError(f"apply_lora: no nn.Linear, QuantLinear or Conv1D module matches targets "
                          f"{list(tg)}")
@@ -320,11 +318,12 @@ def apply_lora(model: nn.Module, targets: Optional[Sequence[str]] = None, r: int
     for name, mod in chosen:
         base = mod
         if quant_spec is not None and not isinstance(mod, QuantLinear):
-            if type(mod).__name__ == "Conv1D":  # GPT-2 stores the weight [in, out]
-                lin = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], bias=mod.bias is not None,
-                                device=mod.weight.device, dtype=mod.weight.dtype)
+            if is_conv1d(mod):  # QuantLinear.from_linear takes the [out, in] weight of a Linear
+                w = weight_oi(mod)
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None,
+                                device=w.device, dtype=w.dtype)
                 with torch.no_grad():
-                    lin.weight.copy_(mod.weight.t())
+                    lin.weight.copy_(w)
                     if mod.bias is not None:
                         lin.bias.copy_(mod.bias)
                 mod = lin
