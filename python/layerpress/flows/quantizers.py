@@ -77,20 +77,9 @@ def minmax_params(v: torch.Tensor, spec: QuantSpec):
     """Min-max scale and zero point of each row of ``v [..., g]`` as the format defines them
     (the range always includes 0; scales rounded to ``spec.scale_dtype``; a zero scale becomes 1).
     Returns ``(scales, zeros)`` in the canonical dtypes (zeros None if symmetric)."""
-    qmax = 2 ** spec.bits - 1
     if spec.symmetric:
-        s = v.abs().amax(-1) / (2 ** (spec.bits - 1) - 1)
-        lo = None
-    else:
-        lo = v.amin(-1).clamp(max=0)
-        hi = v.amax(-1).clamp(min=0)
-        s = (hi - lo) / qmax
-    s = s.to(spec.scale_dtype)
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    if spec.symmetric:
-        return s, None
-    z = torch.round(-lo / s.float()).clamp(0, qmax).to(torch.uint8)
-    return s, z
+        return _params_from_range(None, v.abs().amax(-1), spec)
+    return _params_from_range(v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0), spec)
 
 
 def _params_from_range(lo, hi, spec: QuantSpec):
