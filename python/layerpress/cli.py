@@ -50,6 +50,16 @@ def _median_ms(fn, target_s: float = 0.15, min_repeats: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
+def _set_threads(threads: Optional[int]) -> None:
+    """--threads: torch's intra-op threads for this command (main() restores the caller's)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+    torch.set_num_threads(threads)
+
+
 def _forward_ms_pair(models, inputs: dict, rounds: int = 7) -> list:
     """Median wall time in ms of one no-grad forward of each model on ``inputs``, timed in
     alternation (one call of each per round, after a warm-up call of each), so a slow spell of
@@ -120,10 +130,7 @@ def demo(args) -> int:
     size, seed = args.size, args.seed
     if size < DEMO_GROUP or size % DEMO_GROUP:
         raise UsageError(f"--size must be a positive multiple of {DEMO_GROUP}, got {size}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     started = time.perf_counter()
     info = layerpress.build_info()
     print(f"layerpress {layerpress.__version__} | torch {torch.__version__} | CPU GEMM kernel "
@@ -265,10 +272,7 @@ def quantize(args) -> int:
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"--model {model_dir}: no config.json there (a Hugging Face model directory "
                          "is expected)")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
     if args.checkpoint_dir and args.compare:
@@ -458,10 +462,7 @@ def _layer_errors(reference, qmodel, ids, batch_size: int = 8):
 def evaluate(args) -> int:
     import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.calib and not args.reference:
         raise UsageError("per-layer reconstruction error (--calib) needs --reference ORIG_DIR")
     texts = _lines(args.text, "--text") if args.text else None  # user errors first, then loading

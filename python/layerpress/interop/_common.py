@@ -149,6 +149,17 @@ def quant_config(model_dir: Path, cfg: dict) -> dict:
                      "quant_config.json): not a quantised checkpoint")
 
 
+def checkpoint_config(model_dir: Path, method: str):
+    """``(config.json, its quantization config, where)`` of a checkpoint that must declare
+    ``quant_method == method``; ``where`` names the config file for error messages."""
+    cfg = read_config(model_dir)
+    q = quant_config(model_dir, cfg)
+    where = str(model_dir / CONFIG)
+    if str(q.get("quant_method", "")).lower() != method:
+        raise ValueError(f"{where}: quant_method is {q.get('quant_method')!r}, not {method!r}")
+    return cfg, q, where
+
+
 class TensorFile:
     """The tensors of a checkpoint directory (``model.safetensors`` or shards listed in
     ``model.safetensors.index.json``), read one at a time."""

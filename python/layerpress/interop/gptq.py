@@ -172,11 +172,7 @@ def load_gptq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     :class:`QuantLinear` and loads the remaining tensors. ``dtype`` casts the non-quantised
     floating tensors (default: as stored). Returns the model in eval mode."""
     model_dir = Path(model_dir)
-    cfg = C.read_config(model_dir)
-    q = C.quant_config(model_dir, cfg)
-    where = str(model_dir / C.CONFIG)
-    if str(q.get("quant_method", "")).lower() != "gptq":
-        raise ValueError(f"{where}: quant_method is {q.get('quant_method')!r}, not 'gptq'")
+    cfg, q, where = C.checkpoint_config(model_dir, "gptq")
     c = check_gptq_config(q, where)
     bits = c["bits"]
 
