@@ -150,14 +150,13 @@ def quant_config(model_dir: Path, cfg: dict) -> dict:
 
 
 def checkpoint_config(model_dir: Path, method: str):
-    """``(config.json, its quantization config, where)`` of a checkpoint that must declare
+    """``(quantization config, where)`` of a checkpoint that must declare
     ``quant_method == method``; ``where`` names the config file for error messages."""
-    cfg = read_config(model_dir)
-    q = quant_config(model_dir, cfg)
+    q = quant_config(model_dir, read_config(model_dir))
     where = str(model_dir / CONFIG)
     if str(q.get("quant_method", "")).lower() != method:
         raise ValueError(f"{where}: quant_method is {q.get('quant_method')!r}, not {method!r}")
-    return cfg, q, where
+    return q, where
 
 
 class TensorFile:

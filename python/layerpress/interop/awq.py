@@ -124,7 +124,7 @@ def load_awq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     ``<name>.qweight`` with a :class:`QuantLinear` and loads the remaining tensors. ``dtype``
     casts the non-quantised floating tensors (default: as stored). Returns the model in eval mode."""
     model_dir = Path(model_dir)
-    cfg, q, where = C.checkpoint_config(model_dir, "awq")
+    q, where = C.checkpoint_config(model_dir, "awq")
     group = check_awq_config(q, where)
 
     def layer(name, tensors, k, n):

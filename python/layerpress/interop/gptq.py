@@ -172,7 +172,7 @@ def load_gptq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     :class:`QuantLinear` and loads the remaining tensors. ``dtype`` casts the non-quantised
     floating tensors (default: as stored). Returns the model in eval mode."""
     model_dir = Path(model_dir)
-    cfg, q, where = C.checkpoint_config(model_dir, "gptq")
+    q, where = C.checkpoint_config(model_dir, "gptq")
     c = check_gptq_config(q, where)
     bits = c["bits"]
 
