@@ -388,7 +388,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.variant:
         try:
-            layerpress._C.set_cpu_gemm_variant(args.variant)
+            layerpress.set_cpu_gemm_variant(args.variant)
         except ValueError as e:
             raise UsageError(str(e)) from None
 

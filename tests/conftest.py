@@ -17,7 +17,7 @@ settings.register_profile("thorough", deadline=None, max_examples=500,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("LAYERPRESS_HYPOTHESIS_PROFILE", "layerpress"))
 
-CPU_GEMM_VARIANTS = list(layerpress._C.build_info()["cpu_gemm_variants"])
+CPU_GEMM_VARIANTS = list(layerpress.build_info()["cpu_gemm_variants"])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,19 +32,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=CPU_GEMM_VARIANTS)
 def cpu_variant(request):
     """Forces each CPU GEMM variant this machine supports; restores the automatic choice."""
-    layerpress._C.set_cpu_gemm_variant(request.param)
+    layerpress.set_cpu_gemm_variant(request.param)
     try:
         yield request.param
     finally:
-        layerpress._C.set_cpu_gemm_variant("")
+        layerpress.set_cpu_gemm_variant("")
 
 
 @pytest.fixture(autouse=True)
 def _automatic_cpu_variant():
     """Every test starts from (and leaves) the automatic CPU GEMM variant choice."""
-    layerpress._C.set_cpu_gemm_variant("")
+    layerpress.set_cpu_gemm_variant("")
     yield
-    layerpress._C.set_cpu_gemm_variant("")
+    layerpress.set_cpu_gemm_variant("")
 
 
 @pytest.fixture(scope="module")

@@ -164,4 +164,25 @@ def quantized(spec: QuantSpec, n: int, k: int, seed: int = 0, wdtype=torch.float
 
 
 def supported_variants():
-    return list(layerpress._C.build_info()["cpu_gemm_variants"])
+    return list(layerpress.build_info()["cpu_gemm_variants"])
+
+
+class TypedOps:
+    """``torch.ops.layerpress`` with the Python API's error types: each op call re-raises a
+    tagged argument error as the ValueError/TypeError it stands for (layerpress/_errors.py)."""
+
+    def __getattr__(self, name):
+        from layerpress._errors import typed_errors
+        return typed_errors(getattr(torch.ops.layerpress, name))
+
+
+def raw_error_contract(fn, exc, match):
+    """A raw torch.ops.layerpress call with bad input raises ValueError or RuntimeError (as torch
+    delivers the C++ std::invalid_argument) whose message carries the ``[<exc>] `` tag."""
+    import re
+    import pytest
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        fn()
+    msg = str(info.value)
+    assert re.search(rf"\[{exc.__name__}\] ", msg), msg
+    assert re.search(match, msg), msg

@@ -14,6 +14,7 @@ import torch
 
 from layerpress import QuantLinear, QuantSpec, interop, norm_ops, norms, ops, wtacrs, wtacrs_ops
 from layerpress.flows import allocate, evaluate, importance, io, quantizers, quantize_model
+from lp_testutils import TypedOps
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api.md"
@@ -123,7 +124,7 @@ def test_relative_links_resolve(page):
         assert "docs/api.md" in targets and "docs/tutorial.md" in targets
 
 
-L = torch.ops.layerpress
+L = TypedOps()  # the Python API's error types; raw ops carry a "[TypeError] " tag instead
 _Q4 = torch.zeros(4, 4, dtype=torch.int32)  # canonical int32 [N=4, K=32] at 4 bits
 _S4 = torch.ones(4, 1, dtype=torch.half)
 

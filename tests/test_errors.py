@@ -1,5 +1,8 @@
 """Bad input is rejected with a clear error that names the offending argument (TypeError for a
-wrong dtype, ValueError for a wrong value/shape/layout), before any kernel runs."""
+wrong dtype, ValueError for a wrong value/shape/layout), before any kernel runs.
+
+The op calls go through ``TypedOps`` (the Python API's error types); ``test_raw_op_error_is_tagged``
+checks the same cases on the raw ``torch.ops.layerpress`` ops, whose errors carry a type tag."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +10,9 @@ import torch
 from torch import nn
 
 from layerpress import Layout, QuantLinear, QuantSpec, ops
+from lp_testutils import TypedOps, raw_error_contract
 
-L = torch.ops.layerpress
+L = TypedOps()
 CPU = int(Layout.CPU_BITPLANE16)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -141,6 +145,12 @@ CASES = [
 def test_op_rejects_bad_input(name, fn, exc, match):
     with pytest.raises(exc, match=match):
         fn()
+
+
+@pytest.mark.parametrize("name,fn,exc,match", CASES, ids=[c[0] for c in CASES])
+def test_raw_op_error_is_tagged(name, fn, exc, match, monkeypatch):
+    monkeypatch.setitem(globals(), "L", torch.ops.layerpress)
+    raw_error_contract(fn, exc, match)
 
 
 def test_pack_rejection_is_not_partial():

@@ -243,16 +243,16 @@ def test_variants_agree():
     x = _act((3, 256), torch.float32, seed=4)
     outs = {}
     for v in variants:
-        layerpress._C.set_cpu_gemm_variant(v)
+        layerpress.set_cpu_gemm_variant(v)
         assert layerpress.build_info()["cpu_kernels"]["gemm"] == v
         outs[v] = ops.gemm(x, *native, None, spec, 64)
-    layerpress._C.set_cpu_gemm_variant("")
+    layerpress.set_cpu_gemm_variant("")
     y_ref = R.gemm(x, codes, s, z, spec)
     tol = gemm_tolerance(x, mag, y_ref, torch.float32)
     for v, y in outs.items():
         assert_within(y, y_ref, tol, v)
     with pytest.raises(ValueError, match="variant"):
-        layerpress._C.set_cpu_gemm_variant("no-such-variant")
+        layerpress.set_cpu_gemm_variant("no-such-variant")
 
 
 @st.composite
@@ -277,7 +277,7 @@ def test_gemm_random(case, variant, seed, use_bias):
     spec, n, k, m, adtype = case
     spec, codes, s, z, native, w64, mag = _weight(spec.bits, spec.axis, spec.group_size, spec.symmetric,
                                                   spec.scale_dtype, n, k, seed)
-    layerpress._C.set_cpu_gemm_variant(variant)
+    layerpress.set_cpu_gemm_variant(variant)
     try:
         x = _act((m, k), adtype, seed)
         bias = _act((n,), adtype, seed + 1) if use_bias else None
@@ -285,7 +285,7 @@ def test_gemm_random(case, variant, seed, use_bias):
         check_gemm(spec, native, codes, s, z, mag, x, bias, what)
         check_gemm_t(spec, native, w64, mag, _act((m, n), adtype, seed + 2), what + " t")
     finally:
-        layerpress._C.set_cpu_gemm_variant("")
+        layerpress.set_cpu_gemm_variant("")
 
 
 def test_gemm_bias_only_changes_by_bias(cpu_variant):

@@ -478,10 +478,10 @@ def test_large_cpu_outputs_reuse_freed_memory_without_aliasing():
     y1, _ = torch.ops.layerpress.rms_norm(x1, w, 1e-6)
     y2, _ = torch.ops.layerpress.rms_norm(x2, w, 1e-6)
     assert y1.data_ptr() != y2.data_ptr()
-    held = layerpress._C.cpu_output_cache_held_bytes()
+    held = torch.ops.layerpress.cpu_output_cache_held_bytes()
     p1 = y1.data_ptr()
     del y1
-    assert layerpress._C.cpu_output_cache_held_bytes() >= held + x1.numel() * 4
+    assert torch.ops.layerpress.cpu_output_cache_held_bytes() >= held + x1.numel() * 4
     y3, _ = torch.ops.layerpress.rms_norm(x3, w, 1e-6)
     assert y3.data_ptr() == p1  # the freed block, not the live one
     torch.testing.assert_close(y2, ref[1], rtol=1e-5, atol=1e-5)

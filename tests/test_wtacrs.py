@@ -16,6 +16,7 @@ from torch import nn
 from layerpress import QuantSpec
 from layerpress.nn import LoRALinear, QuantLinear, WTACRSLinear
 from layerpress.wtacrs import apply_lora, apply_wtacrs
+from lp_testutils import TypedOps
 
 ops = torch.ops.layerpress
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,6 +95,7 @@ def test_ops_match_reference(dtype):
     idx, sc = ops.wtacrs_select(norms, 60, 7)
     assert idx.shape == (60,) and sc.shape == (60,) and idx.dtype == torch.int64 and sc.dtype == torch.float32
     rows = ops.wtacrs_gather_scale(x, idx)
+    typed = TypedOps()  # the Python API's error types (raw ops carry a type tag instead)
     assert torch.equal(rows, x.reshape(-1, 70)[idx])
     scaled = ops.wtacrs_gather_scale(x, idx, sc)
     torch.testing.assert_close(scaled, (x2[idx] * sc[:, None]).to(dtype))
@@ -281,6 +283,7 @@ def test_opcheck(dtype):
     norms = ops.wtacrs_row_norms(x)
     idx, sc = ops.wtacrs_select(norms, 11, 5)
     rows = ops.wtacrs_gather_scale(x, idx)
+    typed = TypedOps()  # the Python API's error types (raw ops carry a type tag instead)
     torch.library.opcheck(ops.wtacrs_row_norms.default, (x,))
     torch.library.opcheck(ops.wtacrs_select.default, (norms, 11, 5))
     torch.library.opcheck(ops.wtacrs_select.default, (norms, 100, 5))
@@ -307,22 +310,23 @@ def test_bad_inputs():
     x, g = torch.randn(10, 8), torch.randn(10, 4)
     idx = torch.arange(5)
     rows = ops.wtacrs_gather_scale(x, idx)
+    typed = TypedOps()  # the Python API's error types (raw ops carry a type tag instead)
     with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
-        ops.wtacrs_row_norms(torch.randn(8))
+        typed.wtacrs_row_norms(torch.randn(8))
     with pytest.raises(ValueError, match=r"idx values must lie in \[0, 10\)"):
-        ops.wtacrs_gather_scale(x, torch.tensor([0, 10]))
+        typed.wtacrs_gather_scale(x, torch.tensor([0, 10]))
     with pytest.raises(TypeError, match="idx must be int64"):
-        ops.wtacrs_gather_scale(x, idx.int())
+        typed.wtacrs_gather_scale(x, idx.int())
     with pytest.raises(ValueError, match="scales must have shape"):
-        ops.wtacrs_gather_scale(x, idx, torch.ones(4))
+        typed.wtacrs_gather_scale(x, idx, torch.ones(4))
     with pytest.raises(ValueError, match="idx has 4 entries but rows has 5"):
-        ops.wtacrs_wgrad(g, rows, idx[:4])
+        typed.wtacrs_wgrad(g, rows, idx[:4])
     with pytest.raises(TypeError, match="rows must have the dtype of grad"):
-        ops.wtacrs_wgrad(g, rows.double(), idx)
+        typed.wtacrs_wgrad(g, rows.double(), idx)
     with pytest.raises(TypeError, match="grad must be float32"):
-        ops.wtacrs_wgrad(g.int(), rows, idx)
+        typed.wtacrs_wgrad(g.int(), rows, idx)
     with pytest.raises(ValueError, match="k must be >= 1"):
-        ops.wtacrs_select(torch.rand(5), 0, 1)
+        typed.wtacrs_select(torch.rand(5), 0, 1)
     with pytest.raises(ValueError, match="norms must be non-negative"):
         ops.wtacrs_select(-torch.rand(5), 2, 1)
     with pytest.raises(ValueError, match="norms must be 1-D"):

@@ -1,27 +1,27 @@
 // Calls the layerpress ops through the PyTorch dispatcher from plain C++, as another framework
 // would: look the op up by name, get a typed handle, call it. No Python anywhere.
 //
-//   dispatcher_caller [--bits 2,3,4,8] [--M 5] [--threads 1]
+//   dispatcher_caller [--library PATH] [--bits 2,3,4,8] [--M 5] [--threads 1]
 //
 // For each bit width and both group axes (per-OC, per-IC): quantise a random weight
 // (layerpress::quantize), pack it (layerpress::pack), repack it for the CPU kernel
 // (layerpress::repack) and run the low-bit GEMM (layerpress::gemm); check the result against a
 // float64 reference Y = X · ((q - z) · s)ᵀ + b whose dequantisation is written here in plain ATen
 // from the codes, scales and zeros the quantise op returned (docs/format.md §2.2). Prints one
-// line per case; exits 1 if any case is off, 2 on bad arguments.
+// line per case; exits 1 if any case is off, 2 on bad arguments or a library that does not load.
 //
-// How the op registrations get here: layerpress._C is a CPython extension module. It leaves
-// libpython's symbols (PyBaseObject_Type, ...) undefined, to be resolved by the Python
-// interpreter that imports it, so a plain C++ program can neither link it nor dlopen it (the
-// data relocations fail at load time; pulling in a libpython to satisfy them works only where
-// Python was built shared, which many distributions are not). The registrations themselves are
-// Python-free: TORCH_LIBRARY / TORCH_LIBRARY_IMPL static initialisers in cpp/ops/registration.cpp
-// and cpp/ops/cpu_ops.cpp. CMake links those translation units (and the torch-free kernel library)
-// into this executable, so the ops are registered with the dispatcher before main() starts,
-// exactly as they are when Python imports layerpress._C.
+// How the ops get here: this program loads layerpress's op library (layerpress/_C.abi3.so; by
+// default the one installed next to this binary's bin/ directory) with dlopen, as any LibTorch
+// program loads an extension; its static initialisers register the ops with the dispatcher. The
+// library is built on the stable ABI, so this program (built on torch's full C++ API, like a
+// framework) and the library need not come from the same torch build. Its PyInit__C is never
+// called, and lazy binding leaves the CPython symbols it names unresolved.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include <dlfcn.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -126,8 +126,19 @@ int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
 
 }  // namespace
 
+// <dir of this executable>/../_C.abi3.so: the installed layout (layerpress/bin/dispatcher_caller).
+std::string default_library() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "_C.abi3.so";
+  std::string exe(buf, static_cast<size_t>(n));
+  const std::string dir = exe.substr(0, exe.find_last_of('/'));
+  return dir + "/../_C.abi3.so";
+}
+
 int main(int argc, char** argv) {
   std::vector<int64_t> bits_list = {2, 3, 4, 8};
+  std::string library;
   int64_t M = 5;
   int threads = 1;
   for (int i = 1; i < argc; i += 2) {
@@ -136,13 +147,20 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "dispatcher_caller: %s needs a value\n", a.c_str());
       return 2;
     }
-    if (a == "--bits") bits_list = parse_list(argv[i + 1]);
+    if (a == "--library") library = argv[i + 1];
+    else if (a == "--bits") bits_list = parse_list(argv[i + 1]);
     else if (a == "--M") M = std::atoll(argv[i + 1]);
     else if (a == "--threads") threads = std::atoi(argv[i + 1]);
     else {
-      std::fprintf(stderr, "dispatcher_caller: unknown argument %s (expected --bits, --M, --threads)\n", a.c_str());
+      std::fprintf(stderr, "dispatcher_caller: unknown argument %s (expected --library, --bits, --M, --threads)\n", a.c_str());
       return 2;
     }
+  }
+  if (library.empty()) library = default_library();
+  if (dlopen(library.c_str(), RTLD_LAZY | RTLD_GLOBAL) == nullptr) {
+    std::fprintf(stderr, "dispatcher_caller: cannot load the layerpress op library %s: %s\n", library.c_str(),
+                 dlerror());
+    return 2;
   }
   at::set_num_threads(threads);
   at::manual_seed(0);
@@ -150,8 +168,11 @@ int main(int argc, char** argv) {
   int failures = 0;
   try {
     failures = run_cases(bits_list, M);
-  } catch (const c10::Error& e) {  // an op refused its arguments: its message says why
+  } catch (const c10::Error& e) {
     std::fprintf(stderr, "dispatcher_caller: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {  // an op refused its arguments: its message says why
+    std::fprintf(stderr, "dispatcher_caller: %s\n", e.what());
     return 1;
   }
   if (failures) {

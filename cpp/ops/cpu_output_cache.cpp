@@ -75,18 +75,53 @@ void* new_block(size_t bytes) {
   return p;
 }
 
+void release_block(void* p, void* ctx) { give_back_block(p, reinterpret_cast<size_t>(ctx)); }
+
+size_t element_size(ScalarType t) {
+  switch (t) {
+    case ScalarType::Double: case ScalarType::Long: return 8;
+    case ScalarType::Float: case ScalarType::Int: return 4;
+    case ScalarType::BFloat16: case ScalarType::Half: return 2;
+    default: return 1;
+  }
+}
+
 }  // namespace
 
-at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// torch >= 2.11 (torch/csrc/stable/c/shim.h); null when the running torch lacks it.
+extern "C" __attribute__((weak)) AOTITorchError torch_from_blob(
+    void* data, int64_t ndim, const int64_t* sizes_ptr, const int64_t* strides_ptr, int64_t storage_offset,
+    int32_t dtype, int32_t device_type, int32_t device_index, AtenTensorHandle* ret, int32_t layout,
+    const uint8_t* opaque_metadata, int64_t opaque_metadata_size, void (*deleter)(void* data, void* ctx),
+    void* deleter_ctx);
+
+Tensor empty_cpu_output(const Shape& sizes, ScalarType dtype) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (bytes < kMinCachedBytes || output_cache().cap == 0) return at::empty(sizes, options);
+  const size_t bytes = static_cast<size_t>(numel) * element_size(dtype);
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  if (bytes < kMinCachedBytes || output_cache().cap == 0 || torch_from_blob == nullptr)
+    return torch::stable::empty(sizes, dtype, std::nullopt, cpu);
   const size_t block = (bytes + kHugePage - 1) / kHugePage * kHugePage;
   void* p = take_block(block);
   if (p == nullptr) p = new_block(block);
-  return at::from_blob(p, sizes, [block](void* q) { give_back_block(q, block); },
-                       options.device(at::kCPU));
+  Shape strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= sizes[i];
+  }
+  AtenTensorHandle handle = nullptr;
+  const AOTITorchError err = torch_from_blob(
+      p, static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), 0, from_ivalue<int32_t>(to_ivalue(dtype)),
+      from_ivalue<int32_t>(to_ivalue(torch::headeronly::DeviceType::CPU)), -1, &handle,
+      from_ivalue<int32_t>(to_ivalue(torch::headeronly::Layout::Strided)), nullptr, 0, &release_block,
+      reinterpret_cast<void*>(block));
+  if (err != AOTI_TORCH_SUCCESS) {
+    give_back_block(p, block);
+    return torch::stable::empty(sizes, dtype, std::nullopt, cpu);
+  }
+  return Tensor(handle);
 }
 
 size_t cpu_output_cache_held_bytes() {

@@ -10,15 +10,19 @@
 //
 // Blocks are 2 MB aligned (and asked for as huge pages); a freed output's block goes back to the
 // cache while the cache holds less than LAYERPRESS_CPU_OUTPUT_CACHE_MB (default 256; 0 turns
-// the cache off and every output comes from at::empty), else it is freed.
+// the cache off and every output comes from torch's allocator), else it is freed.
+//
+// The cache hands out blocks through the stable shim torch_from_blob (a tensor with our deleter),
+// which exists from torch 2.11 on. The library targets 2.10, so that symbol is looked up weakly:
+// under torch 2.10 the cache is off and outputs come from torch's allocator.
 #pragma once
-#include <ATen/ATen.h>
+#include "launch_utils.h"
 
 namespace layerpress {
 
-// A new uninitialised CPU tensor of `sizes` and `options` (contiguous). Small outputs come from
-// at::empty; outputs of at least 8 MB from the cache.
-at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+// A new uninitialised contiguous CPU tensor. Small outputs come from torch's allocator; outputs
+// of at least 8 MB from the cache.
+Tensor empty_cpu_output(const Shape& sizes, ScalarType dtype);
 
 // Bytes the cache holds now (blocks not in use), for tests.
 size_t cpu_output_cache_held_bytes();

@@ -1,59 +1,177 @@
 // Launcher helpers: the only layer that sees torch tensors. Turns tensors into pointers and
 // QuantParams, checks every argument with a message that names it.
+//
+// Everything here uses the LibTorch stable ABI only (torch/csrc/stable, torch/headeronly, built
+// with TORCH_TARGET_VERSION = 2.10): the built library calls libtorch through its versioned C
+// shim, never through C++ symbols, so one build loads on every torch from 2.10 on.
 #pragma once
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
 
+#include <array>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "layerpress/cpu_kernels.h"
 
 namespace layerpress {
 
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Shape = std::vector<int64_t>;
+
+// ---- errors ---------------------------------------------------------------------------------------
+// The stable ABI has no stable c10::ValueError/TypeError. Argument errors are thrown as
+// std::invalid_argument whose message starts with a tag naming the Python type it stands for,
+// "[ValueError] " or "[TypeError] ". Through torch.ops that arrives as ValueError (torch 2.13
+// hands it to pybind11's translation) or RuntimeError; layerpress's Python wrappers
+// (layerpress/_errors.py) re-raise it as the tagged type without the tag.
+template <typename... Args>
+std::string str_cat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+[[noreturn]] inline void throw_value_error(const std::string& msg) {
+  throw std::invalid_argument("[ValueError] " + msg);
+}
+[[noreturn]] inline void throw_type_error(const std::string& msg) {
+  throw std::invalid_argument("[TypeError] " + msg);
+}
+
+#define LP_CHECK_VALUE(cond, ...) \
+  do {                            \
+    if (!(cond)) ::layerpress::throw_value_error(::layerpress::str_cat(__VA_ARGS__)); \
+  } while (0)
+#define LP_CHECK_TYPE(cond, ...) \
+  do {                           \
+    if (!(cond)) ::layerpress::throw_type_error(::layerpress::str_cat(__VA_ARGS__)); \
+  } while (0)
+
+// ---- printing (for messages) -----------------------------------------------------------------------
+struct ShapeStr {
+  Shape s;
+};
+inline std::ostream& operator<<(std::ostream& os, const ShapeStr& v) {
+  os << '[';
+  for (size_t i = 0; i < v.s.size(); ++i) os << (i ? ", " : "") << v.s[i];
+  return os << ']';
+}
+inline Shape shape_of(const Tensor& t) {
+  const auto s = t.sizes();
+  return Shape(s.begin(), s.end());
+}
+inline ShapeStr shape_str(const Tensor& t) { return {shape_of(t)}; }
+inline ShapeStr shape_str(const Shape& s) { return {s}; }
+
+inline std::string device_str(const Tensor& t) {
+  if (t.is_cpu()) return "cpu";
+  if (t.is_cuda()) return str_cat("cuda:", static_cast<int>(t.get_device_index()));
+  return str_cat("device type ", static_cast<int>(t.device().type()));
+}
+
+// ---- tensors ---------------------------------------------------------------------------------------
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  return a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda() &&
+         (a.is_cpu() || a.get_device_index() == b.get_device_index());
+}
+
+// Calls an ATen op by name through the dispatcher shim: `stack` holds the arguments and receives
+// the returns. For the few ops the stable headers do not wrap (sort, cumsum, cat, ...).
+template <size_t N>
+void aten_call(const char* name, const char* overload, std::array<StableIValue, N>& stack) {
+  const AOTITorchError err = torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION);
+  if (err != AOTI_TORCH_SUCCESS) throw std::runtime_error(str_cat("layerpress: ", name, " failed"));
+}
+template <typename T>
+StableIValue to_ivalue(const T& v) {
+  return torch::stable::detail::from(v);
+}
+template <typename T>
+T from_ivalue(StableIValue v) {
+  return torch::stable::detail::to<T>(v);
+}
+
+inline int32_t shim_dtype(ScalarType t) { return from_ivalue<int32_t>(to_ivalue(t)); }
+
+// A new uninitialised contiguous tensor on `like`'s device. One direct shim call: the stable
+// wrappers (new_empty, empty) go through the boxed dispatcher, about 2 us a call, which is most
+// of a small op's time.
+inline Tensor empty_like_device(const Tensor& like, const Shape& shape, ScalarType dtype) {
+  Shape strides(shape.size());
+  int64_t stride = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= shape[i] > 0 ? shape[i] : 1;
+  }
+  int32_t device_type = 0;
+  if (aoti_torch_get_device_type(like.get(), &device_type) != AOTI_TORCH_SUCCESS)
+    throw std::runtime_error("layerpress: could not read a tensor's device");
+  AtenTensorHandle out = nullptr;
+  if (aoti_torch_empty_strided(static_cast<int64_t>(shape.size()), shape.data(), strides.data(), shim_dtype(dtype),
+                               device_type, like.get_device_index(), &out) != AOTI_TORCH_SUCCESS)
+    throw std::runtime_error(str_cat("layerpress: could not allocate a tensor of shape ", shape_str(shape)));
+  return Tensor(out);
+}
+
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// A CPU copy (or the tensor itself when it is already on the CPU) for host-side checks.
+inline Tensor on_host(const Tensor& t) {
+  if (t.is_cpu()) return as_contiguous(t);
+  return as_contiguous(torch::stable::to(t, torch::stable::Device(torch::headeronly::DeviceType::CPU)));
+}
+
 inline ParallelFor torch_parallel_for() {
   return [](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
-    at::parallel_for(0, n, grain, body);
+    torch::stable::parallel_for(0, n, grain, body);
   };
 }
 
-inline FloatType float_type_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return FloatType::kF32;
-    case at::kBFloat16: return FloatType::kBF16;
-    case at::kHalf: return FloatType::kF16;
+// ---- dtypes ----------------------------------------------------------------------------------------
+inline FloatType float_type_of(ScalarType t, const char* name) {
+  switch (t) {
+    case ScalarType::Float: return FloatType::kF32;
+    case ScalarType::BFloat16: return FloatType::kBF16;
+    case ScalarType::Half: return FloatType::kF16;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+      throw_type_error(str_cat(name, " must be float32, bfloat16 or float16, got ", t));
   }
 }
-
-inline at::ScalarType scalar_type_of(FloatType t) {
-  return t == FloatType::kF32 ? at::kFloat : (t == FloatType::kBF16 ? at::kBFloat16 : at::kHalf);
-}
+inline FloatType float_type_of(const Tensor& t, const char* name) { return float_type_of(t.scalar_type(), name); }
 
 inline void check_bits(int64_t bits) {
-  TORCH_CHECK_VALUE(valid_bits(static_cast<int>(bits)), "bits must be one of 2, 3, 4, 8, got ", bits);
+  LP_CHECK_VALUE(valid_bits(static_cast<int>(bits)), "bits must be one of 2, 3, 4, 8, got ", bits);
 }
 
-inline void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
+inline void check_contiguous(const Tensor& t, const char* name) {
+  LP_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
-                              const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device());
+inline void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  LP_CHECK_VALUE(same_device(t, ref), name, " is on ", device_str(t), " but ", ref_name, " is on ",
+                 device_str(ref));
 }
+
+// ---- quantisation parameters -------------------------------------------------------------------------
 
 // Validates the quantisation parameters of an [N, K] weight and resolves group_size = -1.
 inline QuantParams make_params(int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t axis,
                                bool symmetric, FloatType scale_type) {
   check_bits(bits);
-  TORCH_CHECK_VALUE(axis == 0 || axis == 1, "axis must be 0 (per-OC groups along K) or 1 (per-IC groups along N), got ", axis);
-  TORCH_CHECK_VALUE(valid_group_size(static_cast<int>(group_size)),
-                    "group_size must be one of 32, 64, 128, 256 or -1 (whole row/column), got ", group_size);
-  TORCH_CHECK_VALUE(N >= 1, "out_features (N) must be >= 1, got ", N);
-  TORCH_CHECK_VALUE(K >= 32 && K % kPackBlockK == 0,
-                    "in_features (K) must be a positive multiple of 32, got K=", K);
+  LP_CHECK_VALUE(axis == 0 || axis == 1, "axis must be 0 (per-OC groups along K) or 1 (per-IC groups along N), got ", axis);
+  LP_CHECK_VALUE(valid_group_size(static_cast<int>(group_size)),
+                 "group_size must be one of 32, 64, 128, 256 or -1 (whole row/column), got ", group_size);
+  LP_CHECK_VALUE(N >= 1, "out_features (N) must be >= 1, got ", N);
+  LP_CHECK_VALUE(K >= 32 && K % kPackBlockK == 0, "in_features (K) must be a positive multiple of 32, got K=", K);
   QuantParams p;
   p.N = N;
   p.K = K;
@@ -63,63 +181,61 @@ inline QuantParams make_params(int64_t N, int64_t K, int64_t bits, int64_t group
   p.scale_type = scale_type;
   if (p.axis == GroupAxis::kPerOC) {
     p.group = group_size == -1 ? static_cast<int>(K) : static_cast<int>(group_size);
-    TORCH_CHECK_VALUE(K % p.group == 0, "in_features K=", K, " is not divisible by group_size=",
-                      group_size, " (per-OC groups run along K)");
+    LP_CHECK_VALUE(K % p.group == 0, "in_features K=", K, " is not divisible by group_size=", group_size,
+                   " (per-OC groups run along K)");
   } else {
     p.group = group_size == -1 ? static_cast<int>(N) : static_cast<int>(group_size);
-    TORCH_CHECK_VALUE(N % p.group == 0, "out_features N=", N, " is not divisible by group_size=",
-                      group_size, " (per-IC groups run along N)");
+    LP_CHECK_VALUE(N % p.group == 0, "out_features N=", N, " is not divisible by group_size=", group_size,
+                   " (per-IC groups run along N)");
   }
   return p;
 }
 
 // Checks scales/zeros against an expected shape; returns the scale type.
-inline FloatType check_scales_zeros(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                                    at::IntArrayRef expected, const at::Tensor& ref, const char* ref_name) {
+inline FloatType check_scales_zeros(const Tensor& scales, const OptTensor& zeros, const Shape& expected,
+                                    const Tensor& ref, const char* ref_name) {
   const FloatType st = float_type_of(scales, "scales");
   check_same_device(scales, ref, "scales", ref_name);
-  TORCH_CHECK_VALUE(scales.sizes() == expected, "scales must have shape ", expected, ", got ",
-                    scales.sizes());
+  LP_CHECK_VALUE(shape_of(scales) == expected, "scales must have shape ", shape_str(expected), ", got ",
+                 shape_str(scales));
   check_contiguous(scales, "scales");
   if (zeros.has_value()) {
-    const at::Tensor& z = *zeros;
-    TORCH_CHECK_TYPE(z.scalar_type() == at::kByte, "zeros must be uint8 (integer zero points), got ",
-                     z.scalar_type());
+    const Tensor& z = *zeros;
+    LP_CHECK_TYPE(z.scalar_type() == ScalarType::Byte, "zeros must be uint8 (integer zero points), got ",
+                  z.scalar_type());
     check_same_device(z, ref, "zeros", ref_name);
-    TORCH_CHECK_VALUE(z.sizes() == expected, "zeros must have shape ", expected,
-                      " (the shape of scales), got ", z.sizes());
+    LP_CHECK_VALUE(shape_of(z) == expected, "zeros must have shape ", shape_str(expected),
+                   " (the shape of scales), got ", shape_str(z));
     check_contiguous(z, "zeros");
   }
   return st;
 }
 
-inline std::vector<int64_t> canonical_scale_shape(const QuantParams& p) {
+inline Shape canonical_scale_shape(const QuantParams& p) {
   if (p.axis == GroupAxis::kPerOC) return {p.N, p.K / p.group};
   return {p.K, p.N / p.group};
 }
-inline std::vector<int64_t> bitplane_scale_shape(const QuantParams& p) {
+inline Shape bitplane_scale_shape(const QuantParams& p) {
   if (p.axis == GroupAxis::kPerOC) return {p.row_tiles(), p.K / p.group, kTileRows};
   return {p.N / p.group, p.K};
 }
 
 // Canonical packed weight: checks dtype/rank/contiguity and returns K.
-inline int64_t k_from_canonical(const at::Tensor& qweight, int64_t bits, const char* name) {
-  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kInt, name, " must be int32 (packed codes), got ",
-                   qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 2, name, " must be 2-D [N, K*bits/32] (canonical layout), got ",
-                    qweight.dim(), "-D");
+inline int64_t k_from_canonical(const Tensor& qweight, int64_t bits, const char* name) {
+  LP_CHECK_TYPE(qweight.scalar_type() == ScalarType::Int, name, " must be int32 (packed codes), got ",
+                qweight.scalar_type());
+  LP_CHECK_VALUE(qweight.dim() == 2, name, " must be 2-D [N, K*bits/32] (canonical layout), got ",
+                 qweight.dim(), "-D");
   check_contiguous(qweight, name);
   check_bits(bits);
-  TORCH_CHECK_VALUE(qweight.size(1) % bits == 0, name, " has ", qweight.size(1),
-                    " words per row, not a multiple of bits=", bits,
-                    " (each 32 codes take exactly `bits` words)");
+  LP_CHECK_VALUE(qweight.size(1) % bits == 0, name, " has ", qweight.size(1),
+                 " words per row, not a multiple of bits=", bits, " (each 32 codes take exactly `bits` words)");
   return qweight.size(1) * 32 / bits;
 }
 
 // Validates a canonical (qweight, scales, zeros) triple and returns its parameters.
-inline QuantParams canonical_params(const at::Tensor& qweight, const at::Tensor& scales,
-                                    const c10::optional<at::Tensor>& zeros, int64_t bits,
-                                    int64_t group_size, int64_t axis) {
+inline QuantParams canonical_params(const Tensor& qweight, const Tensor& scales, const OptTensor& zeros,
+                                    int64_t bits, int64_t group_size, int64_t axis) {
   const int64_t K = k_from_canonical(qweight, bits, "qweight");
   const QuantParams p = make_params(qweight.size(0), K, bits, group_size, axis, !zeros.has_value(),
                                     float_type_of(scales, "scales"));
@@ -127,28 +243,74 @@ inline QuantParams canonical_params(const at::Tensor& qweight, const at::Tensor&
   return p;
 }
 
-// Activation of a GEMM ([..., cols]) as an [M, cols] matrix. Rows may keep a stride (a view
-// when possible); a strided last dimension is copied.
-inline at::Tensor flat_activation(const at::Tensor& x, int64_t cols, const char* name, const char* what,
-                                  const at::Tensor& qweight) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, name, " must have at least 1 dimension");
-  float_type_of(x, name);
-  check_same_device(x, qweight, name, "qweight");
-  TORCH_CHECK_VALUE(x.size(-1) == cols, name, " has last dimension ", x.size(-1), " but the layer's ",
-                    what, " is ", cols);
-  const bool unit_stride = x.numel() == 0 || x.size(-1) == 1 || x.stride(-1) == 1;
-  return (unit_stride ? x : x.contiguous()).reshape({-1, cols});
+// A tensor [..., cols] read as a row-major [rows, cols] matrix: pointer, rows and row stride. x
+// itself when its leading dimensions collapse to one stride and its last dimension is
+// unit-stride (no tensor op at all), else a contiguous copy, kept alive in `copy`.
+struct RowMatrix {
+  const void* data = nullptr;
+  int64_t rows = 0, cols = 0, ld = 0;
+  Tensor copy;
+};
+inline RowMatrix row_matrix(const Tensor& x, int64_t cols) {
+  RowMatrix m;
+  m.cols = cols;
+  m.rows = cols > 0 ? x.numel() / cols : 0;
+  const int64_t d = x.dim();
+  const auto sizes = x.sizes();
+  const auto strides = x.strides();
+  bool viewable = x.numel() == 0 || sizes[d - 1] == 1 || strides[d - 1] == 1;
+  int64_t ld = cols, expect = -1;  // expect: the stride the next outer non-trivial dim must have
+  for (int64_t i = d - 2; i >= 0 && viewable; --i) {
+    if (sizes[i] == 1) continue;
+    if (expect < 0) ld = strides[i];
+    else viewable = strides[i] == expect;
+    expect = strides[i] * sizes[i];
+  }
+  if (viewable) {
+    m.data = x.const_data_ptr();
+    m.ld = m.rows > 1 ? ld : cols;
+  } else {
+    m.copy = torch::stable::contiguous(x);
+    m.data = m.copy.const_data_ptr();
+    m.ld = cols;
+  }
+  return m;
 }
 
-inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N,
-                       const at::Tensor& qweight) {
+// Activation of a GEMM ([..., cols]) as an [M, cols] matrix (see row_matrix), after its checks.
+inline RowMatrix flat_activation(const Tensor& x, int64_t cols, const char* name, const char* what,
+                                 const Tensor& qweight) {
+  LP_CHECK_VALUE(x.dim() >= 1, name, " must have at least 1 dimension");
+  float_type_of(x, name);
+  check_same_device(x, qweight, name, "qweight");
+  LP_CHECK_VALUE(x.size(-1) == cols, name, " has last dimension ", x.size(-1), " but the layer's ", what,
+                 " is ", cols);
+  return row_matrix(x, cols);
+}
+
+inline void check_bias(const OptTensor& bias, const Tensor& x, int64_t N, const Tensor& qweight) {
   if (!bias.has_value()) return;
-  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (",
-                   x.scalar_type(), "), got ", bias->scalar_type());
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N, "], got ",
-                    bias->sizes());
+  LP_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(),
+                "), got ", bias->scalar_type());
+  LP_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N, "], got ",
+                 shape_str(*bias));
   check_same_device(*bias, qweight, "bias", "qweight");
   check_contiguous(*bias, "bias");
+}
+
+// Given scales must be finite and non-zero, given zeros at most 2^bits - 1: checked on a host
+// copy (small tensors; quantize is not on a hot path).
+inline void check_given_scales(const Tensor& scales, const OptTensor& zeros, int64_t bits) {
+  const Tensor s = torch::stable::to(on_host(scales), ScalarType::Float);
+  const float* sp = s.const_data_ptr<float>();
+  for (int64_t i = 0; i < s.numel(); ++i)
+    LP_CHECK_VALUE(std::isfinite(sp[i]) && sp[i] != 0.0f, "scales must be finite and non-zero");
+  if (!zeros.has_value()) return;
+  const Tensor z = on_host(*zeros);
+  const uint8_t* zp = z.const_data_ptr<uint8_t>();
+  const int64_t zmax = (int64_t{1} << bits) - 1;
+  for (int64_t i = 0; i < z.numel(); ++i)
+    LP_CHECK_VALUE(zp[i] <= zmax, "zeros must be <= 2^bits - 1 = ", zmax, " for bits=", bits);
 }
 
 // Everything quantize needs before its kernel runs: validated parameters and the output tensors
@@ -157,83 +319,83 @@ struct QuantizeSetup {
   QuantParams p;
   FloatType weight_type;
   bool given;
-  at::Tensor codes, scales, zeros;  // zeros: empty [0] when symmetric
+  Tensor codes, scales, zeros;  // zeros: empty [0] when symmetric
 };
 
-inline QuantizeSetup prepare_quantize(const at::Tensor& weight, int64_t bits, int64_t group_size,
-                                      int64_t axis, bool symmetric, at::ScalarType scale_dtype,
-                                      const c10::optional<at::Tensor>& scales_in,
-                                      const c10::optional<at::Tensor>& zeros_in) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ",
-                    weight.dim(), "-D");
+inline QuantizeSetup prepare_quantize(const Tensor& weight, int64_t bits, int64_t group_size, int64_t axis,
+                                      bool symmetric, ScalarType scale_dtype, const OptTensor& scales_in,
+                                      const OptTensor& zeros_in) {
+  LP_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ", weight.dim(), "-D");
   QuantizeSetup q;
   q.weight_type = float_type_of(weight, "weight");
   check_contiguous(weight, "weight");
-  const at::Tensor probe = at::empty({0}, weight.options().dtype(scale_dtype));
   q.p = make_params(weight.size(0), weight.size(1), bits, group_size, axis, symmetric,
-                    float_type_of(probe, "scale_dtype"));
-  const auto sshape = canonical_scale_shape(q.p);
+                    float_type_of(scale_dtype, "scale_dtype"));
+  const Shape sshape = canonical_scale_shape(q.p);
   q.given = scales_in.has_value();
   if (q.given) {
-    TORCH_CHECK_VALUE(symmetric != zeros_in.has_value(),
-                      symmetric ? "zeros must be None for symmetric quantisation"
-                                : "asymmetric quantisation with given scales needs zeros too");
-    TORCH_CHECK_TYPE(scales_in->scalar_type() == scale_dtype, "scales have dtype ",
-                     scales_in->scalar_type(), " but scale_dtype is ", scale_dtype);
+    LP_CHECK_VALUE(symmetric != zeros_in.has_value(),
+                   symmetric ? "zeros must be None for symmetric quantisation"
+                             : "asymmetric quantisation with given scales needs zeros too");
+    LP_CHECK_TYPE(scales_in->scalar_type() == scale_dtype, "scales have dtype ", scales_in->scalar_type(),
+                  " but scale_dtype is ", scale_dtype);
     check_scales_zeros(*scales_in, zeros_in, sshape, weight, "weight");
-    TORCH_CHECK_VALUE(at::isfinite(*scales_in).all().item<bool>() && (*scales_in != 0).all().item<bool>(),
-                      "scales must be finite and non-zero");
-    if (zeros_in.has_value())
-      TORCH_CHECK_VALUE(zeros_in->max().item<int64_t>() <= (1 << bits) - 1, "zeros must be <= 2^bits - 1 = ",
-                        (1 << bits) - 1, " for bits=", bits);
-    q.scales = scales_in->clone();
-    q.zeros = zeros_in.has_value() ? zeros_in->clone() : at::empty({0}, weight.options().dtype(at::kByte));
+    check_given_scales(*scales_in, zeros_in, bits);
+    q.scales = torch::stable::clone(*scales_in);
+    q.zeros = zeros_in.has_value() ? torch::stable::clone(*zeros_in)
+                                   : empty_like_device(weight, {0}, ScalarType::Byte);
   } else {
-    TORCH_CHECK_VALUE(!zeros_in.has_value(), "zeros given without scales");
-    q.scales = at::empty(sshape, weight.options().dtype(scale_dtype));
-    q.zeros = at::empty(symmetric ? std::vector<int64_t>{0} : sshape, weight.options().dtype(at::kByte));
+    LP_CHECK_VALUE(!zeros_in.has_value(), "zeros given without scales");
+    q.scales = empty_like_device(weight, sshape, scale_dtype);
+    q.zeros = empty_like_device(weight, symmetric ? Shape{0} : sshape, ScalarType::Byte);
   }
-  q.codes = at::empty({q.p.N, q.p.K}, weight.options().dtype(at::kByte));
+  q.codes = empty_like_device(weight, {q.p.N, q.p.K}, ScalarType::Byte);
   return q;
 }
 
-inline void check_scale_overflow(bool overflow, at::ScalarType scale_dtype) {
-  TORCH_CHECK_VALUE(!overflow, "a group's scale overflows scale_dtype=", scale_dtype,
-                    " (the weight range is too large for it); use float32 or bfloat16 scales");
+inline void check_scale_overflow(bool overflow, ScalarType scale_dtype) {
+  LP_CHECK_VALUE(!overflow, "a group's scale overflows scale_dtype=", scale_dtype,
+                 " (the weight range is too large for it); use float32 or bfloat16 scales");
 }
 
-// pack's input: uint8 codes [N, K], K a positive multiple of 32, every code < 2^bits.
-inline void check_pack_codes(const at::Tensor& codes, int64_t bits) {
+// pack's input: uint8 codes [N, K], K a positive multiple of 32, every code < 2^bits (checked
+// on a host copy for device tensors).
+inline void check_pack_codes(const Tensor& codes, int64_t bits) {
   check_bits(bits);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K], got ", codes.dim(), "-D");
-  TORCH_CHECK_VALUE(codes.size(1) % 32 == 0 && codes.size(1) > 0,
-                    "codes: K must be a positive multiple of 32, got K=", codes.size(1));
+  LP_CHECK_TYPE(codes.scalar_type() == ScalarType::Byte, "codes must be uint8, got ", codes.scalar_type());
+  LP_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K], got ", codes.dim(), "-D");
+  LP_CHECK_VALUE(codes.size(1) % 32 == 0 && codes.size(1) > 0,
+                 "codes: K must be a positive multiple of 32, got K=", codes.size(1));
   check_contiguous(codes, "codes");
-  if (codes.numel() > 0)
-    TORCH_CHECK_VALUE(codes.max().item<int64_t>() < (1 << bits), "codes must be < 2^bits = ", 1 << bits,
-                      " for bits=", bits, ", got a code ", codes.max().item<int64_t>());
+  if (codes.numel() == 0) return;
+  const Tensor h = on_host(codes);
+  const uint8_t* c = h.const_data_ptr<uint8_t>();
+  uint8_t mx = 0;
+  for (int64_t i = 0; i < h.numel(); ++i) mx = c[i] > mx ? c[i] : mx;
+  LP_CHECK_VALUE(mx < (1 << bits), "codes must be < 2^bits = ", 1 << bits, " for bits=", bits,
+                 ", got a code ", static_cast<int>(mx));
 }
 
-// GemmArgs for a validated weight triple, a flattened activation x2 [M, cols] and the output y.
-inline GemmArgs gemm_args(const QuantParams& p, const at::Tensor& x2, const at::Tensor& qweight,
-                          const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, at::Tensor& y) {
+// GemmArgs for a validated weight triple, a flattened activation x2 [M, cols] of type `act` and the
+// output y.
+inline GemmArgs gemm_args(const QuantParams& p, const RowMatrix& x2, FloatType act, const Tensor& qweight,
+                          const Tensor& scales, const OptTensor& zeros, const Tensor& y) {
   GemmArgs a;
   a.p = p;
-  a.qweight = qweight.data_ptr<int32_t>();
-  a.scales = scales.data_ptr();
-  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
-  a.M = x2.size(0);
-  a.act_type = float_type_of(x2, "x");
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(0) > 1 ? x2.stride(0) : x2.size(1);
-  a.y = y.data_ptr();
+  a.qweight = qweight.const_data_ptr<int32_t>();
+  a.scales = scales.const_data_ptr();
+  a.zeros = zeros ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  a.M = x2.rows;
+  a.act_type = act;
+  a.x = x2.data;
+  a.ldx = x2.ld;
+  a.y = y.mutable_data_ptr();
   return a;
 }
 
 // Output shape of a GEMM: the activation's shape with the last dimension replaced.
-inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
-  auto shape = x.sizes().vec();
+inline Shape with_last_dim(const Tensor& x, int64_t last) {
+  Shape shape = shape_of(x);
   shape.back() = last;
   return shape;
 }

@@ -1,53 +1,71 @@
-// The Python extension module layerpress._C. Loading it registers the torch.ops.layerpress.*
-// ops (static TORCH_LIBRARY initialisers in this library); it also reports build facts.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-#include <torch/version.h>
+// The library layerpress/_C.abi3.so. Loading it registers the torch.ops.layerpress.* ops (static
+// initialisers of the STABLE_TORCH_LIBRARY blocks); PyInit__C only makes it importable as the
+// (empty) module layerpress._C, with the CPython limited API, so the wheel is cp310-abi3 and
+// needs neither pybind11 nor a particular Python minor version. A C++ program loads the same
+// file with dlopen (cpp/examples/dispatcher_caller.cpp): PyInit__C is then never called.
+//
+// Build facts and the CPU GEMM override are ops (build_info, set_cpu_gemm_variant,
+// cpu_output_cache_held_bytes), registered for CompositeExplicitAutograd: they take no tensor.
+#include <Python.h>
 
-#include "layerpress/cpu_kernels.h"
+#include "launch_utils.h"
 
 #ifndef LAYERPRESS_VERSION
 #define LAYERPRESS_VERSION "0.0.0"
 #endif
-#ifndef LAYERPRESS_CUDA_ARCHS
-#define LAYERPRESS_CUDA_ARCHS ""
+#ifndef LAYERPRESS_TORCH_BUILD_VERSION
+#define LAYERPRESS_TORCH_BUILD_VERSION ""
 #endif
 
-namespace py = pybind11;
-
 namespace layerpress {
-bool cuda_ops_built();  // cuda_registry.cpp: true when the CUDA op library was compiled in
 size_t cpu_output_cache_held_bytes();  // cpu_output_cache.cpp
+
+namespace {
+
+std::string json_string(const std::string& s) { return "\"" + s + "\""; }  // names only: no escapes
+
+std::string json_list(const std::vector<std::string>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + json_string(v[i]);
+  return out + "]";
 }
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "layerpress C++/CUDA extension: registers torch.ops.layerpress.*";
-  m.def("build_info", []() {
-    py::dict d;
-    d["version"] = LAYERPRESS_VERSION;
-    d["torch_version"] = TORCH_VERSION;
-    d["cuda"] = layerpress::cuda_ops_built();
-    d["cuda_archs"] = std::string(LAYERPRESS_CUDA_ARCHS);
-    d["cpu_features"] = layerpress::cpu_features();
-    py::list variants;
-    for (const auto& v : layerpress::cpu_gemm_variants())
-      if (v.supported()) variants.append(v.name);
-    d["cpu_gemm_variants"] = variants;
-    py::dict chosen;
-    const char* g = layerpress::cpu_gemm_active().name;
-    chosen["gemm"] = g;
-    chosen["gemm_t"] = g;
-    chosen["quantize"] = "portable";
-    chosen["dequantize"] = "portable";
-    chosen["repack"] = "portable";
-    d["cpu_kernels"] = chosen;
-    return d;
-  }, "Version, torch built against, CUDA on/off and architectures, CPU features found at run "
-     "time, and the kernel variant chosen per op.");
-  m.def("set_cpu_gemm_variant", [](const std::string& name) {
-    if (!layerpress::cpu_gemm_select(name))
-      throw py::value_error("unknown or unsupported CPU GEMM variant '" + name + "'");
-  }, "Force a CPU GEMM variant by name ('' restores the automatic choice). For tests and benchmarks.");
-  m.def("cpu_output_cache_held_bytes", &layerpress::cpu_output_cache_held_bytes,
-        "Bytes of freed large CPU outputs held for reuse (cpp/ops/cpu_output_cache.h). For tests.");
+// JSON object: version, the torch it was built against and the oldest it loads on, the stable-ABI
+// target, CPU features found at run time and the kernel variant chosen per op. The CUDA library
+// (cuda/ops) adds its own facts in Python.
+std::string build_info() {
+  std::vector<std::string> variants;
+  for (const auto& v : cpu_gemm_variants())
+    if (v.supported()) variants.push_back(v.name);
+  const std::string g = json_string(cpu_gemm_active().name);
+  return str_cat("{\"version\": ", json_string(LAYERPRESS_VERSION),
+                 ", \"torch_version\": ", json_string(LAYERPRESS_TORCH_BUILD_VERSION),
+                 ", \"stable_abi_target\": ", json_string(str_cat(TORCH_FEATURE_VERSION >> 56, ".",
+                                                                   (TORCH_FEATURE_VERSION >> 48) & 0xff)),
+                 ", \"cpu_features\": ", json_list(cpu_features()),
+                 ", \"cpu_gemm_variants\": ", json_list(variants),
+                 ", \"cpu_kernels\": {\"gemm\": ", g, ", \"gemm_t\": ", g,
+                 ", \"quantize\": \"portable\", \"dequantize\": \"portable\", \"repack\": \"portable\"}}");
+}
+
+void set_cpu_gemm_variant(std::string name) {
+  LP_CHECK_VALUE(cpu_gemm_select(name), "unknown or unsupported CPU GEMM variant '", name, "'");
+}
+
+int64_t output_cache_held_bytes() { return static_cast<int64_t>(cpu_output_cache_held_bytes()); }
+
+}  // namespace
+}  // namespace layerpress
+
+STABLE_TORCH_LIBRARY_IMPL(layerpress, CompositeExplicitAutograd, m) {
+  m.impl("build_info", TORCH_BOX(&layerpress::build_info));
+  m.impl("set_cpu_gemm_variant", TORCH_BOX(&layerpress::set_cpu_gemm_variant));
+  m.impl("cpu_output_cache_held_bytes", TORCH_BOX(&layerpress::output_cache_held_bytes));
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "layerpress's op library: loading it registers torch.ops.layerpress.*",
+                               -1, nullptr};
+  return PyModule_Create(&module);
 }

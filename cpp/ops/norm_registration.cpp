@@ -2,9 +2,9 @@
 // and cuda/ops/norm_cuda_ops.cpp; fakes and autograd in python/layerpress/norm_ops.py.
 // mean/rstd are float32 (float64 for float64 inputs) of shape x.shape[:-1]; the backward ops
 // return empty [0] tensors for gradients that were not asked for.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(layerpress, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(layerpress, m) {
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps) "
         "-> (Tensor y, Tensor h, Tensor rstd)");

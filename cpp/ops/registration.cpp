@@ -2,9 +2,9 @@
 // row/column), axis (0 = per-OC, 1 = per-IC), layout (0 = canonical, 1 = CPU bit-plane tiles);
 // symmetric quantisation is "zeros is None". Kernels are registered per dispatch key in
 // cpu_ops.cpp and (when built with CUDA) cuda/ops; fakes and autograd in python/layerpress/ops.py.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(layerpress, m) {
+STABLE_TORCH_LIBRARY(layerpress, m) {
   m.def("quantize(Tensor weight, int bits, int group_size, int axis, bool symmetric, "
         "ScalarType scale_dtype, Tensor? scales=None, Tensor? zeros=None) -> (Tensor, Tensor, Tensor)");
   m.def("pack(Tensor codes, int bits) -> Tensor");
@@ -19,4 +19,8 @@ TORCH_LIBRARY(layerpress, m) {
         "int group_size, int axis, int layout, int out_features) -> Tensor");
   m.def("gemm_t(Tensor grad, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
         "int group_size, int axis, int layout, int out_features) -> Tensor");
+  // Build facts and test hooks (module.cpp): ops too, so that C++ callers reach them as well.
+  m.def("build_info() -> str");
+  m.def("set_cpu_gemm_variant(str name) -> ()");
+  m.def("cpu_output_cache_held_bytes() -> int");
 }

@@ -5,9 +5,9 @@
 //   wtacrs_select(norms [M], k, seed)       -> (idx int64 [min(k, M)], scales float32 [min(k, M)])
 //   wtacrs_gather_scale(x, idx, scales?)    -> [k, D] rows scale_i · x[idx_i] (dtype of x)
 //   wtacrs_wgrad(grad [..., N], rows [k, D], idx, scales?) -> [N, D] = Σ_i scale_i grad[idx_i]ᵀ rows[i]
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(layerpress, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(layerpress, m) {
   m.def("wtacrs_row_norms(Tensor x) -> Tensor");
   m.def("wtacrs_select(Tensor norms, int k, int seed) -> (Tensor, Tensor)");
   m.def("wtacrs_gather_scale(Tensor x, Tensor idx, Tensor? scales=None) -> Tensor");

@@ -2,164 +2,171 @@
 // into pointers/QuantParams, and enqueue the kernels of cuda/include/layerpress/cuda_kernels.h on
 // the current stream of the tensors' device. The GEMM kernels read the canonical layout
 // (Layout::kCanonical), so repack/unrepack to layout 0 are plain copies on CUDA.
-//
-// Headers: c10/cuda/* rather than ATen/cuda/CUDAContext.h, which also pulls in the cuBLAS/cuSPARSE
-// headers; c10::cuda::getCurrentCUDAStream is the function at::cuda::getCurrentCUDAStream names.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include "launch_utils.h"
+#include "cuda_launch.h"
 #include "layerpress/cuda_kernels.h"
 
 namespace layerpress {
-
-bool cuda_ops_built() { return true; }  // replaces cpp/ops/cuda_registry.cpp in CUDA builds
-
 namespace {
-
-using at::Tensor;
-using c10::optional;
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// The kernels report the launch status of the CUDA runtime they were linked with.
-void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 
 // CUDA kernels read the canonical layout only.
 void check_cuda_layout(int64_t layout) {
-  TORCH_CHECK_VALUE(layout == static_cast<int64_t>(Layout::kCanonical), "layout ", layout,
-                    " is not a CUDA kernel layout; CUDA kernels use layout ",
-                    static_cast<int>(Layout::kCanonical),
-                    " (canonical); layout 1 (cpu_bitplane16) is for CPU tensors");
+  LP_CHECK_VALUE(layout == static_cast<int64_t>(Layout::kCanonical), "layout ", layout,
+                 " is not a CUDA kernel layout; CUDA kernels use layout ", static_cast<int>(Layout::kCanonical),
+                 " (canonical); layout 1 (cpu_bitplane16) is for CPU tensors");
 }
 
 // ---- format ops -----------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> quantize_cuda(const Tensor& weight, int64_t bits, int64_t group_size,
-                                                 int64_t axis, bool symmetric, at::ScalarType scale_dtype,
-                                                 const optional<Tensor>& scales_in,
-                                                 const optional<Tensor>& zeros_in) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+std::tuple<Tensor, Tensor, Tensor> quantize_cuda(Tensor weight, int64_t bits, int64_t group_size, int64_t axis,
+                                                 bool symmetric, ScalarType scale_dtype, OptTensor scales_in,
+                                                 OptTensor zeros_in) {
+  const CudaDeviceGuard guard(weight);
   QuantizeSetup q = prepare_quantize(weight, bits, group_size, axis, symmetric, scale_dtype, scales_in, zeros_in);
-  Tensor nonfinite = at::zeros({1}, weight.options().dtype(at::kInt));
-  check_launch(quantize_rtn_cuda(weight.data_ptr(), q.weight_type, q.p, q.codes.data_ptr<uint8_t>(),
-                                 q.scales.data_ptr(), symmetric ? nullptr : q.zeros.data_ptr<uint8_t>(),
-                                 q.given, nonfinite.data_ptr<int>(), current_stream()));
+  Tensor nonfinite = torch::stable::new_zeros(weight, {1}, ScalarType::Int);
+  check_launch(quantize_rtn_cuda(weight.const_data_ptr(), q.weight_type, q.p, q.codes.mutable_data_ptr<uint8_t>(),
+                                 q.scales.mutable_data_ptr(),
+                                 symmetric ? nullptr : q.zeros.mutable_data_ptr<uint8_t>(), q.given,
+                                 nonfinite.mutable_data_ptr<int>(), current_stream(weight)),
+               "quantize");
   // Device-to-host reads (synchronise the stream), like the CPU op's eager errors.
-  TORCH_CHECK_VALUE(nonfinite.item<int>() == 0, "weight contains NaN or Inf; cannot quantise it");
-  if (!q.given) check_scale_overflow(at::isinf(q.scales).any().item<bool>(), scale_dtype);
+  LP_CHECK_VALUE(on_host(nonfinite).const_data_ptr<int>()[0] == 0, "weight contains NaN or Inf; cannot quantise it");
+  if (!q.given) {
+    const Tensor s = torch::stable::to(on_host(q.scales), ScalarType::Float);
+    const float* sp = s.const_data_ptr<float>();
+    bool overflow = false;
+    for (int64_t i = 0; i < s.numel() && !overflow; ++i) overflow = std::isinf(sp[i]);
+    check_scale_overflow(overflow, scale_dtype);
+  }
   return {q.codes, q.scales, q.zeros};
 }
 
-Tensor pack_cuda(const Tensor& codes, int64_t bits) {
-  const c10::cuda::CUDAGuard guard(codes.device());
+Tensor pack_cuda(Tensor codes, int64_t bits) {
+  const CudaDeviceGuard guard(codes);
   check_pack_codes(codes, bits);
-  Tensor out = at::empty({codes.size(0), codes.size(1) * bits / 32}, codes.options().dtype(at::kInt));
-  check_launch(pack_codes_cuda(codes.data_ptr<uint8_t>(), codes.size(0), codes.size(1),
-                               static_cast<int>(bits), out.data_ptr<int32_t>(), current_stream()));
+  Tensor out = empty_like_device(codes, {codes.size(0), codes.size(1) * bits / 32}, ScalarType::Int);
+  check_launch(pack_codes_cuda(codes.const_data_ptr<uint8_t>(), codes.size(0), codes.size(1),
+                               static_cast<int>(bits), out.mutable_data_ptr<int32_t>(), current_stream(codes)),
+               "pack");
   return out;
 }
 
-Tensor unpack_cuda(const Tensor& qweight, int64_t bits) {
+Tensor unpack_cuda(Tensor qweight, int64_t bits) {
   const int64_t K = k_from_canonical(qweight, bits, "qweight");
-  const c10::cuda::CUDAGuard guard(qweight.device());
-  Tensor out = at::empty({qweight.size(0), K}, qweight.options().dtype(at::kByte));
-  check_launch(unpack_codes_cuda(qweight.data_ptr<int32_t>(), qweight.size(0), K, static_cast<int>(bits),
-                                 out.data_ptr<uint8_t>(), current_stream()));
+  const CudaDeviceGuard guard(qweight);
+  Tensor out = empty_like_device(qweight, {qweight.size(0), K}, ScalarType::Byte);
+  check_launch(unpack_codes_cuda(qweight.const_data_ptr<int32_t>(), qweight.size(0), K, static_cast<int>(bits),
+                                 out.mutable_data_ptr<uint8_t>(), current_stream(qweight)),
+               "unpack");
   return out;
 }
 
-Tensor dequantize_cuda_op(const Tensor& qweight, const Tensor& scales, const optional<Tensor>& zeros,
-                          int64_t bits, int64_t group_size, int64_t axis, optional<at::ScalarType> out_dtype) {
+Tensor dequantize_cuda_op(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits, int64_t group_size,
+                          int64_t axis, std::optional<ScalarType> out_dtype) {
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
-  const c10::cuda::CUDAGuard guard(qweight.device());
-  Tensor out = at::empty({p.N, p.K}, qweight.options().dtype(out_dtype.value_or(scales.scalar_type())));
-  const FloatType ot = float_type_of(out, "out_dtype");
-  check_launch(dequantize_cuda(qweight.data_ptr<int32_t>(), scales.data_ptr(),
-                               zeros ? zeros->data_ptr<uint8_t>() : nullptr, p, out.data_ptr(), ot,
-                               current_stream()));
+  const ScalarType od = out_dtype.value_or(scales.scalar_type());
+  const FloatType ot = float_type_of(od, "out_dtype");
+  const CudaDeviceGuard guard(qweight);
+  Tensor out = empty_like_device(qweight, {p.N, p.K}, od);
+  check_launch(dequantize_cuda(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
+                               zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, out.mutable_data_ptr(), ot,
+                               current_stream(qweight)),
+               "dequantize");
   return out;
 }
 
 // Layout 0 is what the CUDA kernels read, so "repacking" to it is a copy (new tensors, like every
 // other repack). Symmetric weights get an empty zeros tensor, as on the CPU.
 std::tuple<Tensor, Tensor, Tensor> canonical_copy(const Tensor& qweight, const Tensor& scales,
-                                                  const optional<Tensor>& zeros) {
-  const c10::cuda::CUDAGuard guard(qweight.device());
-  return {qweight.clone(), scales.clone(),
-          zeros ? zeros->clone() : at::empty({0}, qweight.options().dtype(at::kByte))};
+                                                  const OptTensor& zeros) {
+  const CudaDeviceGuard guard(qweight);
+  return {torch::stable::clone(qweight), torch::stable::clone(scales),
+          zeros ? torch::stable::clone(*zeros) : empty_like_device(qweight, {0}, ScalarType::Byte)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> repack_cuda(const Tensor& qweight, const Tensor& scales,
-                                               const optional<Tensor>& zeros, int64_t bits,
+std::tuple<Tensor, Tensor, Tensor> repack_cuda(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits,
                                                int64_t group_size, int64_t axis, int64_t layout) {
   check_cuda_layout(layout);
   canonical_params(qweight, scales, zeros, bits, group_size, axis);
   return canonical_copy(qweight, scales, zeros);
 }
 
-std::tuple<Tensor, Tensor, Tensor> unrepack_cuda(const Tensor& qweight, const Tensor& scales,
-                                                 const optional<Tensor>& zeros, int64_t bits,
+std::tuple<Tensor, Tensor, Tensor> unrepack_cuda(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits,
                                                  int64_t group_size, int64_t axis, int64_t layout,
                                                  int64_t out_features) {
   check_cuda_layout(layout);
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
-  TORCH_CHECK_VALUE(p.N == out_features, "qweight has ", p.N, " rows but out_features=", out_features);
+  LP_CHECK_VALUE(p.N == out_features, "qweight has ", p.N, " rows but out_features=", out_features);
   return canonical_copy(qweight, scales, zeros);
 }
 
 // ---- GEMM -----------------------------------------------------------------------------------------
 
 // Validates a canonical weight for the GEMMs and returns its parameters.
-QuantParams gemm_params(const Tensor& qweight, const Tensor& scales, const optional<Tensor>& zeros,
-                        int64_t bits, int64_t group_size, int64_t axis, int64_t layout, int64_t N) {
+QuantParams gemm_params(const Tensor& qweight, const Tensor& scales, const OptTensor& zeros, int64_t bits,
+                        int64_t group_size, int64_t axis, int64_t layout, int64_t N) {
   check_cuda_layout(layout);
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
-  TORCH_CHECK_VALUE(p.N == N, "qweight has ", p.N, " rows but out_features=", N);
+  LP_CHECK_VALUE(p.N == N, "qweight has ", p.N, " rows but out_features=", N);
   return p;
 }
 
-
-Tensor gemm_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scales, const optional<Tensor>& zeros,
-                 const optional<Tensor>& bias, int64_t bits, int64_t group_size, int64_t axis, int64_t layout,
-                 int64_t out_features) {
+Tensor gemm_cuda(Tensor x, Tensor qweight, Tensor scales, OptTensor zeros, OptTensor bias, int64_t bits,
+                 int64_t group_size, int64_t axis, int64_t layout, int64_t out_features) {
   const QuantParams p = gemm_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
-  const Tensor x2 = flat_activation(x, p.K, "x", "in_features", qweight);
+  const CudaDeviceGuard guard(qweight);
+  const RowMatrix x2 = flat_activation(x, p.K, "x", "in_features", qweight);
   check_bias(bias, x, p.N, qweight);
-  const c10::cuda::CUDAGuard guard(qweight.device());
-  Tensor y = at::empty(with_last_dim(x, p.N), x.options());
-  if (x2.size(0) == 0) return y;
-  GemmArgs a = gemm_args(p, x2, qweight, scales, zeros, y);
-  a.bias = bias ? bias->data_ptr() : nullptr;
-  check_launch(gemm_canonical_cuda(a, current_stream()));
+  Tensor y = empty_like_device(x, with_last_dim(x, p.N), x.scalar_type());
+  if (x2.rows == 0) return y;
+  GemmArgs a = gemm_args(p, x2, float_type_of(x, "x"), qweight, scales, zeros, y);
+  a.bias = bias ? bias->const_data_ptr() : nullptr;
+  check_launch(gemm_canonical_cuda(a, current_stream(qweight)), "gemm");
   return y;
 }
 
-Tensor gemm_t_cuda(const Tensor& grad, const Tensor& qweight, const Tensor& scales, const optional<Tensor>& zeros,
-                   int64_t bits, int64_t group_size, int64_t axis, int64_t layout, int64_t out_features) {
+Tensor gemm_t_cuda(Tensor grad, Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits, int64_t group_size,
+                   int64_t axis, int64_t layout, int64_t out_features) {
   const QuantParams p = gemm_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
-  const Tensor g2 = flat_activation(grad, p.N, "grad", "out_features", qweight);
-  const c10::cuda::CUDAGuard guard(qweight.device());
-  Tensor y = at::empty(with_last_dim(grad, p.K), grad.options());
-  if (g2.size(0) == 0) return y;
-  GemmArgs a = gemm_args(p, g2, qweight, scales, zeros, y);
-  check_launch(gemm_t_canonical_cuda(a, current_stream()));
+  const CudaDeviceGuard guard(qweight);
+  const RowMatrix g2 = flat_activation(grad, p.N, "grad", "out_features", qweight);
+  Tensor y = empty_like_device(grad, with_last_dim(grad, p.K), grad.scalar_type());
+  if (g2.rows == 0) return y;
+  GemmArgs a = gemm_args(p, g2, float_type_of(grad, "grad"), qweight, scales, zeros, y);
+  check_launch(gemm_t_canonical_cuda(a, current_stream(qweight)), "gemm_t");
   return y;
 }
 
 }  // namespace
 }  // namespace layerpress
 
-TORCH_LIBRARY_IMPL(layerpress, CUDA, m) {
-  m.impl("quantize", &layerpress::quantize_cuda);
-  m.impl("pack", &layerpress::pack_cuda);
-  m.impl("unpack", &layerpress::unpack_cuda);
-  m.impl("dequantize", &layerpress::dequantize_cuda_op);
-  m.impl("repack", &layerpress::repack_cuda);
-  m.impl("unrepack", &layerpress::unrepack_cuda);
-  m.impl("gemm", &layerpress::gemm_cuda);
-  m.impl("gemm_t", &layerpress::gemm_t_cuda);
+STABLE_TORCH_LIBRARY_IMPL(layerpress, CUDA, m) {
+  m.impl("quantize", TORCH_BOX(&layerpress::quantize_cuda));
+  m.impl("pack", TORCH_BOX(&layerpress::pack_cuda));
+  m.impl("unpack", TORCH_BOX(&layerpress::unpack_cuda));
+  m.impl("dequantize", TORCH_BOX(&layerpress::dequantize_cuda_op));
+  m.impl("repack", TORCH_BOX(&layerpress::repack_cuda));
+  m.impl("unrepack", TORCH_BOX(&layerpress::unrepack_cuda));
+  m.impl("gemm", TORCH_BOX(&layerpress::gemm_cuda));
+  m.impl("gemm_t", TORCH_BOX(&layerpress::gemm_t_cuda));
+}
+
+// Build facts of this library (layerpress.build_info() merges them).
+namespace layerpress {
+namespace {
+#ifndef LAYERPRESS_CUDA_ARCHS
+#define LAYERPRESS_CUDA_ARCHS ""
+#endif
+std::string cuda_build_info() {
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  return str_cat("{\"cuda_archs\": \"", LAYERPRESS_CUDA_ARCHS, "\", \"cuda_runtime\": \"", runtime / 1000, ".",
+                 (runtime % 1000) / 10, "\"}");
+}
+}  // namespace
+}  // namespace layerpress
+
+STABLE_TORCH_LIBRARY_FRAGMENT(layerpress, m) { m.def("cuda_build_info() -> str"); }
+
+STABLE_TORCH_LIBRARY_IMPL(layerpress, CompositeExplicitAutograd, m) {
+  m.impl("cuda_build_info", TORCH_BOX(&layerpress::cuda_build_info));
 }

@@ -1,17 +1,43 @@
 """layerpress: low-bit GEMM, per-input-channel quantisation and compression flows for PyTorch.
 
-Importing the package loads the C++/CUDA extension, which registers ``torch.ops.layerpress.*``.
+Importing the package loads the op library (``layerpress/_C.abi3.so``, built on the LibTorch
+stable ABI), which registers ``torch.ops.layerpress.*``, and, where torch sees a GPU, the CUDA
+kernels (``layerpress/liblayerpress_cuda.so``).
 """
+import json as _json
+import os as _os
+import warnings as _warnings
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the ops)
-from . import ops
+
+
+def _load_cuda_library() -> str:
+    """Loads the CUDA op library when there is one and torch sees a GPU; returns why not else."""
+    path = _os.path.join(_os.path.dirname(_C.__file__), "liblayerpress_cuda.so")
+    if not _os.path.exists(path):
+        return "not built (no nvcc at build time)"
+    if not torch.cuda.is_available():
+        return "built, not loaded (torch sees no GPU)"
+    try:
+        torch.ops.load_library(path)
+    except OSError as e:  # e.g. torch ships another CUDA runtime major version than the build
+        _warnings.warn(f"layerpress: the CUDA kernels could not be loaded ({e}); CUDA tensors will "
+                       "fail in layerpress ops. Rebuild layerpress against this torch's CUDA.")
+        return f"failed to load: {e}"
+    return "loaded"
+
+
+_cuda_status = _load_cuda_library()
+
+from . import ops  # noqa: E402
 from .spec import QuantSpec, Layout
 from .nn import QuantLinear, quantize_linear
 from .norms import FusedLayerNorm, FusedRMSNorm  # noqa: F401  (also registers the norm ops' fakes/autograd)
 from .wtacrs import WTACRSLinear, LoRALinear, apply_wtacrs, apply_lora  # noqa: F401  (also registers the WTA-CRS ops' fakes)
 
-__version__ = _C.build_info()["version"]
+__version__ = _json.loads(torch.ops.layerpress.build_info())["version"]
 
 # Hugging Face transformers learns the "layerpress" quantisation method when (and only if) it
 # loads its quantiser registry; nothing is imported here (see layerpress/integrations).
@@ -21,11 +47,25 @@ _install_hf_hook()
 
 
 def build_info() -> dict:
-    """Version, the torch it was built against, CUDA on/off and architectures, CPU features
-    found at run time, and the kernel variant chosen per op."""
-    info = dict(_C.build_info())
+    """Version, the torch it was built against and the stable-ABI target, CUDA on/off (and its
+    architectures and runtime), CPU features found at run time, and the kernel variant chosen
+    per op."""
+    info = _json.loads(torch.ops.layerpress.build_info())
     info["torch_runtime_version"] = torch.__version__
+    info["cuda"] = _cuda_status == "loaded"
+    info["cuda_library"] = _cuda_status
+    info["cuda_archs"] = ""
+    if info["cuda"]:
+        info.update(_json.loads(torch.ops.layerpress.cuda_build_info()))
     return info
 
 
-__all__ = ["QuantSpec", "Layout", "QuantLinear", "quantize_linear", "ops", "build_info", "__version__"]
+def set_cpu_gemm_variant(name: str) -> None:
+    """Forces a CPU GEMM variant by name (``""`` restores the automatic choice); for tests and
+    benchmarks. Raises ValueError for an unknown or unsupported variant."""
+    from ._errors import typed_errors
+    typed_errors(torch.ops.layerpress.set_cpu_gemm_variant)(name)
+
+
+__all__ = ["QuantSpec", "Layout", "QuantLinear", "quantize_linear", "ops", "build_info",
+           "set_cpu_gemm_variant", "__version__"]

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._errors import typed_errors
+
 from . import ops as _ops_mod
 
 _ops = torch.ops.layerpress
@@ -147,11 +149,13 @@ torch.library.register_autograd("layerpress::add_layer_norm", _add_ln_backward,
 
 # ---- typed wrappers ------------------------------------------------------------------------------
 
+@typed_errors
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x², -1) + eps) · weight`` over the last dimension (fp32 accumulation)."""
     return _ops.rms_norm(x, weight, float(eps))[0]
 
 
+@typed_errors
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
                  eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = rms_norm(h)``; returns ``(y, h)``."""
@@ -159,12 +163,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
     return y, h
 
 
+@typed_errors
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """``(x − mean) / sqrt(var + eps) · weight + bias`` over the last dimension."""
     return _ops.layer_norm(x, weight, bias, float(eps))[0]
 
 
+@typed_errors
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = layer_norm(h)``; returns ``(y, h)``."""

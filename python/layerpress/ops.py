@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from ._errors import typed_errors
+
 from .spec import Layout, QuantSpec
 
 _ops = torch.ops.layerpress
@@ -164,6 +166,7 @@ for _name in ("quantize", "pack", "unpack", "dequantize", "repack", "unrepack"):
 
 # ---- typed wrappers ------------------------------------------------------------------------------
 
+@typed_errors
 def quantize(weight: torch.Tensor, spec: QuantSpec, scales: Optional[torch.Tensor] = None,
              zeros: Optional[torch.Tensor] = None):
     """Round-to-nearest quantisation of ``weight [N, K]``: min-max scales (the range always
@@ -174,21 +177,25 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, scales: Optional[torch.Tenso
     return codes, s, (None if spec.symmetric else z)
 
 
+@typed_errors
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[N, K]`` -> canonical packed int32 ``[N, K*bits/32]``."""
     return _ops.pack(codes, bits)
 
 
+@typed_errors
 def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """Canonical packed int32 ``[N, K*bits/32]`` -> uint8 codes ``[N, K]``."""
     return _ops.unpack(qweight, bits)
 
 
+@typed_errors
 def dequantize(qweight, scales, zeros, spec: QuantSpec, out_dtype: Optional[torch.dtype] = None):
     """Canonical packed weight -> dense ``[N, K]`` ``(q - z) * s`` (computed in fp32)."""
     return _ops.dequantize(qweight, scales, zeros, spec.bits, spec.group_size, spec.axis_id, out_dtype)
 
 
+@typed_errors
 def repack(qweight, scales, zeros, spec: QuantSpec, layout: int = Layout.CPU_BITPLANE16):
     """Canonical (qweight, scales, zeros) -> a kernel-native layout. Returns the triple
     (zeros None when symmetric)."""
@@ -196,6 +203,7 @@ def repack(qweight, scales, zeros, spec: QuantSpec, layout: int = Layout.CPU_BIT
     return q, s, (None if zeros is None else z)
 
 
+@typed_errors
 def unrepack(qweight, scales, zeros, spec: QuantSpec, out_features: int,
              layout: int = Layout.CPU_BITPLANE16):
     """Inverse of :func:`repack`: a kernel-native triple back to the canonical layout."""
@@ -204,6 +212,7 @@ def unrepack(qweight, scales, zeros, spec: QuantSpec, out_features: int,
     return q, s, (None if zeros is None else z)
 
 
+@typed_errors
 def gemm(x, qweight, scales, zeros, bias, spec: QuantSpec, out_features: int,
          layout: int = Layout.CPU_BITPLANE16):
     """``Y = X · dequant(W)ᵀ (+ bias)`` with the weight in a kernel-native layout."""
@@ -211,6 +220,7 @@ def gemm(x, qweight, scales, zeros, bias, spec: QuantSpec, out_features: int,
                      int(layout), out_features)
 
 
+@typed_errors
 def gemm_t(grad, qweight, scales, zeros, spec: QuantSpec, out_features: int,
            layout: int = Layout.CPU_BITPLANE16):
     """``G · dequant(W)`` -- the input gradient of :func:`gemm`."""

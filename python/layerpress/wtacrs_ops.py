@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ._errors import typed_errors
+
 from . import ops as _ops_mod
 
 _ops = torch.ops.layerpress
@@ -68,11 +70,13 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     return int(torch.randint(0, 2 ** 62, (), generator=generator).item())
 
 
+@typed_errors
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """``‖x[m, :]‖₂`` of every row (token) of ``x [..., D]``, float32 ``[tokens]``."""
     return _ops.wtacrs_row_norms(x)
 
 
+@typed_errors
 def select(norms: torch.Tensor, k: int, seed: int):
     """Winner-take-all column-row selection of ``k`` of the ``M`` rows with probabilities
     ``∝ norms``. Returns ``(idx int64 [min(k, M)], scales float32 [min(k, M)])``; ``k >= M`` gives
@@ -80,11 +84,13 @@ def select(norms: torch.Tensor, k: int, seed: int):
     return _ops.wtacrs_select(norms, k, seed)
 
 
+@typed_errors
 def gather_scale(x: torch.Tensor, idx: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Compact rows ``scales[i] · x[idx[i], :]`` of ``x [..., D]`` as ``[k, D]`` (dtype of ``x``)."""
     return _ops.wtacrs_gather_scale(x, idx, scales)
 
 
+@typed_errors
 def wgrad(grad: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
           scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sampled weight gradient ``Σ_i scales[i] · grad[idx[i], :]ᵀ rows[i, :]`` ``[N, D]``."""
