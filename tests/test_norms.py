@@ -24,6 +24,7 @@ import layerpress
 from layerpress import norm_ops
 from layerpress.nn import FusedLayerNorm, FusedRMSNorm
 from layerpress.norms import fused_norm_from
+from lp_testutils import TypedOps
 
 _ops = torch.ops.layerpress
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -305,9 +306,9 @@ def test_errors():
     with pytest.raises(TypeError, match="residual must have the dtype of x"):
         norm_ops.add_layer_norm(x, torch.randn(4, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="rstd must have shape"):
-        _ops.rms_norm_backward(x, x, None, torch.ones(3), None, False)
+        TypedOps().rms_norm_backward(x, x, None, torch.ones(3), None, False)
     with pytest.raises(ValueError, match="weight_grad=True needs a weight"):
-        _ops.rms_norm_backward(x, x, None, torch.ones(4), None, True)
+        TypedOps().rms_norm_backward(x, x, None, torch.ones(4), None, True)
 
 
 @pytest.mark.gpu

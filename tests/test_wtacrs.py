@@ -328,9 +328,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="k must be >= 1"):
         typed.wtacrs_select(torch.rand(5), 0, 1)
     with pytest.raises(ValueError, match="norms must be non-negative"):
-        ops.wtacrs_select(-torch.rand(5), 2, 1)
+        typed.wtacrs_select(-torch.rand(5), 2, 1)
     with pytest.raises(ValueError, match="norms must be 1-D"):
-        ops.wtacrs_select(torch.rand(5, 2), 2, 1)
+        typed.wtacrs_select(torch.rand(5, 2), 2, 1)
     with pytest.raises(ValueError, match="no nn.Linear"):
         apply_wtacrs(nn.Sequential(nn.Linear(4, 4)), targets=["nothing"])
 
