@@ -11,6 +11,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <array>
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -167,7 +168,8 @@ inline void check_same_device(const Tensor& t, const Tensor& ref, const char* na
 inline QuantParams make_params(int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t axis,
                                bool symmetric, FloatType scale_type) {
   check_bits(bits);
-  LP_CHECK_VALUE(axis == 0 || axis == 1, "axis must be 0 (per-OC groups along K) or 1 (per-IC groups along N), got ", axis);
+  LP_CHECK_VALUE(axis == 0 || axis == 1,
+                 "axis must be 0 (per-OC groups along K) or 1 (per-IC groups along N), got ", axis);
   LP_CHECK_VALUE(valid_group_size(static_cast<int>(group_size)),
                  "group_size must be one of 32, 64, 128, 256 or -1 (whole row/column), got ", group_size);
   LP_CHECK_VALUE(N >= 1, "out_features (N) must be >= 1, got ", N);

@@ -42,7 +42,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_cpu(const Tensor& x, c
 std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_y, const Tensor& x,
                                                  const OptTensor& weight, const Tensor& rstd,
                                                  const OptTensor& grad_h, bool weight_grad) {
-  NormBwdPlan p = plan_norm_backward(grad_y, x, weight, std::nullopt, rstd, grad_h, weight_grad, false, false, &empty_output);
+  NormBwdPlan p =
+      plan_norm_backward(grad_y, x, weight, std::nullopt, rstd, grad_h, weight_grad, false, false, &empty_output);
   cpu_norm_active().backward(p.a, torch_parallel_for());
   return {p.grad_x, p.grad_w};
 }
@@ -52,7 +53,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_y,
                                                            const Tensor& mean, const Tensor& rstd,
                                                            const OptTensor& grad_h,
                                                            bool weight_grad, bool bias_grad) {
-  NormBwdPlan p = plan_norm_backward(grad_y, x, weight, mean, rstd, grad_h, weight_grad, bias_grad, true, &empty_output);
+  NormBwdPlan p =
+      plan_norm_backward(grad_y, x, weight, mean, rstd, grad_h, weight_grad, bias_grad, true, &empty_output);
   cpu_norm_active().backward(p.a, torch_parallel_for());
   return {p.grad_x, p.grad_w, p.grad_b};
 }

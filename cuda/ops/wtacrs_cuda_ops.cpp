@@ -13,8 +13,9 @@ Tensor row_norms_cuda_op(const Tensor& x) {
   const RowMatrix x2 = wtacrs::flat_rows(x, "x");
   const CudaDeviceGuard guard(x);
   Tensor out = empty_like_device(x, {x2.rows}, ScalarType::Float);
-  check_launch(wtacrs_row_norms_cuda(x2.data, float_type_of(x, "x"), x2.rows, x2.cols,
-                                       x2.ld, out.mutable_data_ptr<float>(), current_stream(x)), "wtacrs_row_norms");
+  check_launch(wtacrs_row_norms_cuda(x2.data, float_type_of(x, "x"), x2.rows, x2.cols, x2.ld,
+                                     out.mutable_data_ptr<float>(), current_stream(x)),
+               "wtacrs_row_norms");
   return out;
 }
 
@@ -61,9 +62,10 @@ Tensor wgrad_cuda_op(const Tensor& grad, const Tensor& rows, const Tensor& idx,
   const CudaDeviceGuard guard(grad);
   const int64_t N = g2.cols, D = rows.size(1);
   Tensor dw = empty_like_device(grad, {N, D}, grad.scalar_type());
-  check_launch(wtacrs_wgrad_cuda(g2.data, g2.ld, N, rows.const_data_ptr(), D,
-                                   idx.const_data_ptr<int64_t>(), scales ? scales->const_data_ptr<float>() : nullptr,
-                                   idx.size(0), float_type_of(grad, "grad"), dw.mutable_data_ptr(), current_stream(grad)), "wtacrs_wgrad");
+  check_launch(wtacrs_wgrad_cuda(g2.data, g2.ld, N, rows.const_data_ptr(), D, idx.const_data_ptr<int64_t>(),
+                                 scales ? scales->const_data_ptr<float>() : nullptr, idx.size(0),
+                                 float_type_of(grad, "grad"), dw.mutable_data_ptr(), current_stream(grad)),
+               "wtacrs_wgrad");
   return dw;
 }
 
