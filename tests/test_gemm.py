@@ -325,3 +325,33 @@ def test_results_independent_of_thread_count(cpu_variant, spec, n, k):
     x = _act((40, k), torch.float32, seed=40)
     y_ref = R.gemm(x, codes, s, z, spec, bias)
     assert_within(outs[2][3], y_ref, gemm_tolerance(x, mag, y_ref, torch.float32, bias), "2 threads")
+
+
+def test_wrapper_skips_autograd_only_when_no_input_needs_grad():
+    """ops.gemm / gemm_t and the norm wrappers call below the Autograd key when nothing needs a
+    gradient (layerpress.ops.call_below_autograd_if_no_grad): same values, no graph; with an
+    input that needs one, the graph is built as before."""
+    import layerpress.ops as lops
+    from layerpress import norm_ops
+    assert lops._BELOW_AUTOGRAD is not None  # this torch has the guard: the fast path is tested
+    spec = QuantSpec(4, 32, "oc", False, torch.float16)
+    w = torch.randn(16, 64)
+    codes, s, z = ops.quantize(w, spec)
+    q, s, z = ops.repack(ops.pack(codes, 4), s, z, spec)
+    x, bias = torch.randn(3, 64), torch.randn(16)
+    ref = torch.ops.layerpress.gemm(x, q, s, z, bias, 4, 32, 0, 1, 16)
+    with torch.no_grad():
+        y = ops.gemm(x, q, s, z, bias.requires_grad_(), spec, 16)
+    assert torch.equal(y, ref) and y.grad_fn is None and not y.requires_grad
+    y = ops.gemm(x, q, s, z, bias, spec, 16)  # bias needs a gradient: graph
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert torch.allclose(bias.grad, torch.full((16,), 3.0))
+    y = ops.gemm(x, q, s, z, bias.detach(), spec, 16)  # nothing needs one: no graph
+    assert torch.equal(y, ref) and y.grad_fn is None
+    g = ops.gemm_t(torch.randn(3, 16), q, s, z, spec, 16)
+    assert g.grad_fn is None and g.shape == (3, 64)
+    xr = torch.randn(4, 64, requires_grad=True)
+    assert norm_ops.rms_norm(xr).grad_fn is not None
+    with torch.no_grad():
+        assert norm_ops.rms_norm(xr).grad_fn is None

@@ -16,6 +16,7 @@ import torch
 from ._errors import typed_errors
 
 from . import ops as _ops_mod
+from .ops import call_below_autograd_if_no_grad as _below
 
 _ops = torch.ops.layerpress
 
@@ -152,14 +153,14 @@ torch.library.register_autograd("layerpress::add_layer_norm", _add_ln_backward,
 @typed_errors
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x², -1) + eps) · weight`` over the last dimension (fp32 accumulation)."""
-    return _ops.rms_norm(x, weight, float(eps))[0]
+    return _below(_ops.rms_norm, (x, weight), x, weight, float(eps))[0]
 
 
 @typed_errors
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
                  eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = rms_norm(h)``; returns ``(y, h)``."""
-    y, h, _ = _ops.add_rms_norm(x, residual, weight, float(eps))
+    y, h, _ = _below(_ops.add_rms_norm, (x, residual, weight), x, residual, weight, float(eps))
     return y, h
 
 
@@ -167,14 +168,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """``(x − mean) / sqrt(var + eps) · weight + bias`` over the last dimension."""
-    return _ops.layer_norm(x, weight, bias, float(eps))[0]
+    return _below(_ops.layer_norm, (x, weight, bias), x, weight, bias, float(eps))[0]
 
 
 @typed_errors
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual; y = layer_norm(h)``; returns ``(y, h)``."""
-    y, h, _, _ = _ops.add_layer_norm(x, residual, weight, bias, float(eps))
+    y, h, _, _ = _below(_ops.add_layer_norm, (x, residual, weight, bias), x, residual, weight, bias, float(eps))
     return y, h
 
 
