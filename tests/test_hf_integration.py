@@ -267,3 +267,31 @@ def test_quantised_head(tmp_path):
     assert _quant_layers(base).keys() == {n[len("model."):] for n in _quant_layers(model) if n != "lm_head"}
     with torch.no_grad():
         assert torch.equal(base(input_ids=IDS).last_hidden_state, model.model(input_ids=IDS).last_hidden_state)
+
+
+def test_sharded_save_pretrained_loads(saved, tmp_path):
+    """save_pretrained shards a large model (model-0000i-of-0000n.safetensors + an index);
+    load_quantized reads the shards, and refuses a missing shard or a key its shard lacks."""
+    model, path = saved("llama")
+    ref = _out(model, IDS)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
+    out = tmp_path / "sharded"
+    loaded.save_pretrained(out, max_shard_size="20KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    assert torch.equal(_out(load_quantized(out), IDS), ref)
+    assert torch.equal(_out(transformers.AutoModelForCausalLM.from_pretrained(out), IDS), ref)
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    key, shard = next(iter(index["weight_map"].items()))
+    (out / shard).rename(out / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"{shard} is missing"):
+        load_quantized(out)
+    (out / "moved.safetensors").rename(out / shard)
+    index["weight_map"][key + ".nope"] = shard
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"\.nope' is missing"):
+        load_quantized(out)
+    (out / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a safetensors index"):
+        load_quantized(out)

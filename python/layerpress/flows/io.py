@@ -3,7 +3,9 @@
 A saved directory holds
 
 * ``model.safetensors`` -- the model's ``state_dict`` (``QuantLinear`` layers in the canonical
-  layout of docs/format.md; tensors sharing storage, e.g. tied embeddings, stored once);
+  layout of docs/format.md; tensors sharing storage, e.g. tied embeddings, stored once). A
+  sharded ``save_pretrained`` directory (``model-0000i-of-0000n.safetensors`` and
+  ``model.safetensors.index.json``) loads too;
 * ``config.json`` -- the model's Hugging Face config plus ``quantization_config``:
   ``{"quant_method": "layerpress", "format_version": 1, "model_class": ..., "layers": {name:
   {"in_features", "out_features", "bias", "conv1d", "spec": QuantSpec.to_dict()}},
@@ -37,6 +39,7 @@ __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_ent
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded save_pretrained output
 CONFIG = "config.json"
 
 
@@ -219,24 +222,56 @@ def _swap_in(model: nn.Module, layers: dict) -> None:
         setattr(get_submodule(model, parent), child, new)
 
 
+def _load_safetensors(file: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _read_tensors(path: Path):
+    """The saved tensors: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists (``save_pretrained`` of a large model). Returns
+    ``(state_dict, what was read)``; every indexed key must be in the shard the index names."""
+    single, index = path / WEIGHTS, path / WEIGHTS_INDEX
+    if single.is_file():
+        return _load_safetensors(single), single
+    if not index.is_file():
+        raise FileNotFoundError(f"{single} is missing (and there is no {WEIGHTS_INDEX})")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    sd: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise ValueError(f"{index}: shard {shard!r} is not a file name in {path}")
+        file = path / shard
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing (listed in {index})")
+        part = _load_safetensors(file)
+        for key in (k for k, v in weight_map.items() if v == shard):
+            if key not in part:
+                raise ValueError(f"{file}: {key!r} is missing (listed in {index})")
+            sd[key] = part[key]
+    return sd, index
+
+
 def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
     """Loads a directory written by :func:`save_quantized`. Without ``model``, rebuilds the
     original model class from the saved config; with ``model`` (the original architecture,
-    e.g. ``AutoModel.from_pretrained(original_dir)``), fills that one in place. Returns the model
-    in eval mode. Raises FileNotFoundError / ValueError with the reason on bad input."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    e.g. ``AutoModel.from_pretrained(original_dir)``), fills that one in place. Reads
+    ``model.safetensors`` or, as ``save_pretrained`` writes for large models, the shards listed in
+    ``model.safetensors.index.json``. Returns the model in eval mode. Raises FileNotFoundError /
+    ValueError with the reason on bad input."""
     path = Path(path)
     cfg = _read_config(path)
     q = cfg["quantization_config"]
-    wpath = path / WEIGHTS
-    if not wpath.is_file():
-        raise FileNotFoundError(f"{wpath} is missing")
-    try:
-        sd = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{wpath}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+    sd, wpath = _read_tensors(path)
     if model is None:
         model = _build_model(cfg)
     elif q.get("model_class") and type(model).__name__ != q["model_class"]:
