@@ -251,7 +251,7 @@ def test_pack_unpack_empty_rows():
     assert ops.unpack(q, 3).shape == (0, 64)
 
 
-@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=_dt)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES + (torch.float64,), ids=_dt)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_dequantize_matches_cpu(spec, out_dtype):
     codes, s, z, q, _, _ = _quantized(spec)

@@ -253,6 +253,9 @@ def test_pack_dequantize_repack_grid(bits, axis, group, n, k, symmetric, scale_d
         assert torch.equal(d, R.dequantize(codes, s, z, spec, out))
     assert torch.equal(ops.dequantize(q, s, z, spec, torch.float32),
                        dequant64(codes, s, z, spec).to(torch.float32))
+    # float64 out: the fp32 value widened (the kernels compute in fp32)
+    d64 = ops.dequantize(q, s, z, spec, torch.float64)
+    assert d64.dtype == torch.float64 and torch.equal(d64, dequant64(codes, s, z, spec).to(torch.float32).double())
     # repack to the CPU kernel layout: independent layout derivation, then exact round trip
     nq, ns, nz = ops.repack(q, s, z, spec)
     assert torch.equal(nq, bitplane_python(codes, bits))

@@ -36,13 +36,12 @@ Tensor unpack_cpu(Tensor qweight, int64_t bits) {
 Tensor dequantize_cpu(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits, int64_t group_size,
                       int64_t axis, std::optional<ScalarType> out_dtype) {
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
-  const ScalarType od = out_dtype.value_or(scales.scalar_type());
-  const FloatType ot = float_type_of(od, "out_dtype");
-  Tensor out = empty_like_device(qweight, {p.N, p.K}, od);
+  const DequantOutput od = dequant_output(out_dtype.value_or(scales.scalar_type()));
+  Tensor out = empty_like_device(qweight, {p.N, p.K}, od.kernel_dtype);
   dequantize(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
-             zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, out.mutable_data_ptr(), ot,
+             zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, out.mutable_data_ptr(), od.kernel_type,
              torch_parallel_for());
-  return out;
+  return od.widen(out);
 }
 
 void check_layout(int64_t layout) {

@@ -149,6 +149,23 @@ inline FloatType float_type_of(ScalarType t, const char* name) {
 }
 inline FloatType float_type_of(const Tensor& t, const char* name) { return float_type_of(t.scalar_type(), name); }
 
+// dequantize's output dtype: the kernels write float32/bfloat16/float16; float64 is their float32
+// result widened (the dequantised values are computed in float32 anyway).
+struct DequantOutput {
+  ScalarType dtype, kernel_dtype;
+  FloatType kernel_type;
+  Tensor widen(const Tensor& out) const {
+    return dtype == kernel_dtype ? out : torch::stable::to(out, dtype);
+  }
+};
+inline DequantOutput dequant_output(ScalarType dtype) {
+  LP_CHECK_TYPE(dtype == ScalarType::Float || dtype == ScalarType::BFloat16 || dtype == ScalarType::Half ||
+                    dtype == ScalarType::Double,
+                "out_dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  const ScalarType k = dtype == ScalarType::Double ? ScalarType::Float : dtype;
+  return {dtype, k, float_type_of(k, "out_dtype")};
+}
+
 inline void check_bits(int64_t bits) {
   LP_CHECK_VALUE(valid_bits(static_cast<int>(bits)), "bits must be one of 2, 3, 4, 8, got ", bits);
 }

@@ -63,15 +63,14 @@ Tensor unpack_cuda(Tensor qweight, int64_t bits) {
 Tensor dequantize_cuda_op(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits, int64_t group_size,
                           int64_t axis, std::optional<ScalarType> out_dtype) {
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
-  const ScalarType od = out_dtype.value_or(scales.scalar_type());
-  const FloatType ot = float_type_of(od, "out_dtype");
+  const DequantOutput od = dequant_output(out_dtype.value_or(scales.scalar_type()));
   const CudaDeviceGuard guard(qweight);
-  Tensor out = empty_like_device(qweight, {p.N, p.K}, od);
+  Tensor out = empty_like_device(qweight, {p.N, p.K}, od.kernel_dtype);
   check_launch(dequantize_cuda(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
-                               zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, out.mutable_data_ptr(), ot,
+                               zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, out.mutable_data_ptr(), od.kernel_type,
                                current_stream(qweight)),
                "dequantize");
-  return out;
+  return od.widen(out);
 }
 
 // Layout 0 is what the CUDA kernels read, so "repacking" to it is a copy (new tensors, like every
