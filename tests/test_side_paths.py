@@ -360,3 +360,23 @@ def test_quantize_model_save_load_with_side_paths(tmp_path):
         (tmp_path / "q" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=pattern):
             load_quantized(tmp_path / "q")
+
+
+@pytest.mark.parametrize("side", [{}, {"outliers": 4, "lorc_rank": 2}], ids=["plain", "side-paths"])
+def test_meta_construction_to_empty_and_load(side):
+    """A QuantLinear built on the meta device (before its weights exist), with or without side
+    paths, moves off it with Module.to_empty and then loads a state dict exactly."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, group_size=32)
+    real = QuantLinear(64, 32, spec, **side)
+    real.load_state_dict(QuantLinear.from_linear(torch.nn.Linear(64, 32), spec).state_dict(), strict=False)
+    if side:
+        real.set_side_paths(torch.tensor([1, 70, 200, 1000], dtype=torch.int32),
+                            torch.randn(4, dtype=torch.float16), torch.randn(2, 64, dtype=torch.float16),
+                            torch.randn(32, 2, dtype=torch.float16))
+    m = QuantLinear(64, 32, spec, device="meta", **side)
+    assert m.qweight.is_meta and sorted(m.state_dict()) == sorted(real.state_dict())
+    m.to_empty(device="cpu")
+    m.load_state_dict(real.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(m(x), real(x))

@@ -60,7 +60,12 @@ torch.library.register_autograd("layerpress_side::csr_matmul_t", _csr_backward,
 
 
 def _csr_from_flat(idx: torch.Tensor, val: torch.Tensor, n: int, k: int, transpose: bool):
-    """CSR (crow int32 [rows+1], col int32, val) of S [n, k] (or of Sᵀ) from sorted flat indices."""
+    """CSR (crow int32 [rows+1], col int32, val) of S [n, k] (or of Sᵀ) from sorted flat indices.
+    On the meta device (a layer built before its weights are loaded) only the shapes are known."""
+    if idx.is_meta:
+        rows = k if transpose else n
+        return (torch.empty(rows + 1, dtype=torch.int32, device="meta"),
+                torch.empty(idx.shape[0], dtype=torch.int32, device="meta"), val.contiguous())
     r, c = idx.long() // k, idx.long() % k
     if transpose:
         order = torch.argsort(c * n + r)
@@ -192,13 +197,13 @@ class QuantLinear(nn.Module):
             if val.dim() != 1 or val.shape[0] != idx.shape[0]:
                 raise ValueError(f"{where}outlier_val: expected [{idx.shape[0]}] (one value per "
                                  f"index), got {list(val.shape)}")
-            if idx.numel():
+            if idx.numel() and not idx.is_meta:  # meta tensors have no values to check
                 if int(idx.min()) < 0 or int(idx.max()) >= n * k:
                     raise ValueError(f"{where}outlier_idx: flat indices n*K + k must lie in "
                                      f"[0, {n * k}), got [{int(idx.min())}, {int(idx.max())}]")
                 if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                     raise ValueError(f"{where}outlier_idx must be strictly increasing (sorted, no duplicates)")
-            if not bool(torch.isfinite(val).all()):
+            if not val.is_meta and not bool(torch.isfinite(val).all()):
                 raise ValueError(f"{where}outlier_val holds NaN or Inf")
         if a is not None:
             r = a.shape[0] if a.dim() == 2 else -1
@@ -206,7 +211,7 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{where}lorc_a: expected [r, {k}] with 1 <= r <= {min(n, k)}, got {list(a.shape)}")
             if tuple(b.shape) != (n, r):
                 raise ValueError(f"{where}lorc_b: expected [{n}, {r}], got {list(b.shape)}")
-            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            if not a.is_meta and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
                 raise ValueError(f"{where}lorc_a/lorc_b hold NaN or Inf")
 
     def set_side_paths(self, outlier_idx=None, outlier_val=None, lorc_a=None, lorc_b=None) -> None:
@@ -328,7 +333,15 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         device = fn(torch.empty(0, dtype=torch.int32, device=self.qweight.device)).device
-        if device != self.qweight.device:
+        if device != self.qweight.device and self.qweight.is_meta:
+            # off the meta device (Module.to_empty): uninitialised tensors of the same shapes in
+            # the target device's layout; load_state_dict fills them
+            q, s, z = self.canonical()
+            new = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
+            self._set_canonical(new(q), new(s), new(z))
+            for key in _SIDE_KEYS + _CSR_KEYS:
+                setattr(self, key, new(getattr(self, key)))
+        elif device != self.qweight.device:
             q, s, z = self.canonical()
             self._set_canonical(q.to(device), s.to(device), None if z is None else z.to(device))
             if self.outlier_idx is not None or self.lorc_a is not None:
