@@ -1,7 +1,7 @@
 """layerpress: low-bit GEMM, per-input-channel quantisation and compression flows for PyTorch.
 
 Importing the package loads the op library (``layerpress/_C.abi3.so``, built on the LibTorch
-stable ABI), which registers ``torch.ops.layerpress.*``, and, where torch sees a GPU, the CUDA
+stable ABI), which registers ``torch.ops.layerpress.*``, and, with a CUDA build of torch, the CUDA
 kernels (``layerpress/liblayerpress_cuda.so``).
 """
 import json as _json
@@ -14,12 +14,14 @@ from . import _C  # noqa: F401  (registers the ops)
 
 
 def _load_cuda_library() -> str:
-    """Loads the CUDA op library when there is one and torch sees a GPU; returns why not else."""
+    """Loads the CUDA op library when there is one and torch is a CUDA build; returns why not
+    else. Loading needs no GPU and initialises no CUDA context (torch.cuda.is_available() would
+    initialise the driver at import, which breaks CUDA in forked children)."""
     path = _os.path.join(_os.path.dirname(_C.__file__), "liblayerpress_cuda.so")
     if not _os.path.exists(path):
         return "not built (no nvcc at build time)"
-    if not torch.cuda.is_available():
-        return "built, not loaded (torch sees no GPU)"
+    if not torch.version.cuda:
+        return "not loaded (a CPU build of torch)"
     try:
         torch.ops.load_library(path)
     except OSError as e:  # e.g. torch ships another CUDA runtime major version than the build
