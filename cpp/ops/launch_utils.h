@@ -387,10 +387,15 @@ inline void check_pack_codes(const Tensor& codes, int64_t bits) {
                  "codes: K must be a positive multiple of 32, got K=", codes.size(1));
   check_contiguous(codes, "codes");
   if (codes.numel() == 0) return;
-  const Tensor h = on_host(codes);
-  const uint8_t* c = h.const_data_ptr<uint8_t>();
   uint8_t mx = 0;
-  for (int64_t i = 0; i < h.numel(); ++i) mx = c[i] > mx ? c[i] : mx;
+  if (codes.is_cpu()) {
+    const uint8_t* c = codes.const_data_ptr<uint8_t>();
+    for (int64_t i = 0; i < codes.numel(); ++i) mx = c[i] > mx ? c[i] : mx;
+  } else {  // reduce on the device, copy one byte back
+    std::array<StableIValue, 1> max{to_ivalue(codes)};
+    aten_call("aten::max", "", max);
+    mx = on_host(from_ivalue<Tensor>(max[0])).const_data_ptr<uint8_t>()[0];
+  }
   LP_CHECK_VALUE(mx < (1 << bits), "codes must be < 2^bits = ", 1 << bits, " for bits=", bits,
                  ", got a code ", static_cast<int>(mx));
 }

@@ -47,16 +47,23 @@ inline void check_scales(const OptTensor& scales, const Tensor& idx) {
   check_contiguous(*scales, "scales");
 }
 
+// Values of a CPU norms vector (read in place: this runs every training step).
+template <typename T>
+void check_norm_values(const T* v, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) LP_CHECK_VALUE(std::isfinite(v[i * stride]), "norms must be finite");
+  for (int64_t i = 0; i < n; ++i) LP_CHECK_VALUE(v[i * stride] >= 0, "norms must be non-negative");
+}
+
 inline void check_norms(const Tensor& norms, int64_t k) {
   LP_CHECK_TYPE(norms.scalar_type() == ScalarType::Float || norms.scalar_type() == ScalarType::Double,
                 "norms must be float32 or float64, got ", norms.scalar_type());
   LP_CHECK_VALUE(norms.dim() == 1, "norms must be 1-D [tokens], got ", norms.dim(), "-D");
   LP_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   if (!norms.is_cpu() || norms.numel() == 0) return;
-  const Tensor w = torch::stable::to(as_contiguous(norms), ScalarType::Double);
-  const double* v = w.const_data_ptr<double>();
-  for (int64_t i = 0; i < w.numel(); ++i) LP_CHECK_VALUE(std::isfinite(v[i]), "norms must be finite");
-  for (int64_t i = 0; i < w.numel(); ++i) LP_CHECK_VALUE(v[i] >= 0.0, "norms must be non-negative");
+  if (norms.scalar_type() == ScalarType::Float)
+    check_norm_values(norms.const_data_ptr<float>(), norms.size(0), norms.stride(0));
+  else
+    check_norm_values(norms.const_data_ptr<double>(), norms.size(0), norms.stride(0));
 }
 
 // The sorted weights, their prefix sums, the sorted order and the number of winners c (a 0-d

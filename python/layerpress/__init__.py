@@ -11,6 +11,7 @@ import warnings as _warnings
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the ops)
+from ._errors import typed_errors as _typed_errors
 
 
 def _load_cuda_library() -> str:
@@ -65,8 +66,7 @@ def build_info() -> dict:
 def set_cpu_gemm_variant(name: str) -> None:
     """Forces a CPU GEMM variant by name (``""`` restores the automatic choice); for tests and
     benchmarks. Raises ValueError for an unknown or unsupported variant."""
-    from ._errors import typed_errors
-    typed_errors(torch.ops.layerpress.set_cpu_gemm_variant)(name)
+    _typed_errors(torch.ops.layerpress.set_cpu_gemm_variant)(name)
 
 
 __all__ = ["QuantSpec", "Layout", "QuantLinear", "quantize_linear", "ops", "build_info",

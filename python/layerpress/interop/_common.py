@@ -222,6 +222,20 @@ class TensorFile:
             raise ValueError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
 
 
+def packed_layer_tensors(tensors: TensorFile, name: str, model_dir: Path):
+    """A packed layer's ``(qweight, qzeros, scales)`` and their keys, with one error naming every
+    missing one."""
+    keys = [f"{name}.{t}" for t in ("qweight", "qzeros", "scales")]
+    lost = [key for key in keys if key not in tensors]
+    if lost:
+        raise ValueError(f"{model_dir}: missing tensors {lost}")
+    return tuple(tensors.get(key) for key in keys), keys
+
+
+def optional_tensor(tensors: TensorFile, key: str) -> Optional[torch.Tensor]:
+    return tensors.get(key) if key in tensors else None
+
+
 def quantised_layer_names(tensors: TensorFile) -> list:
     return sorted(k[: -len(".qweight")] for k in tensors.keys() if k.endswith(".qweight"))
 

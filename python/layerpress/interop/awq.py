@@ -128,12 +128,8 @@ def load_awq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     group = check_awq_config(q, where)
 
     def layer(name, tensors, k, n):
-        keys = [f"{name}.{t}" for t in ("qweight", "qzeros", "scales")]
-        lost = [key for key in keys if key not in tensors]
-        if lost:
-            raise ValueError(f"{model_dir}: missing tensors {lost}")
-        qw, qz, sc = (tensors.get(key) for key in keys)
-        bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
+        (qw, qz, sc), keys = C.packed_layer_tensors(tensors, name, model_dir)
+        bias = C.optional_tensor(tensors, f"{name}.bias")
         if tuple(qw.shape) != (k, n // 8) or n % 8:
             raise ValueError(f"{model_dir}: {name}.qweight has shape {list(qw.shape)}, but the model's "
                              f"layer is [out {n}, in {k}] (AWQ expects [{k}, {n // 8}])")

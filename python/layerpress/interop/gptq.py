@@ -177,18 +177,14 @@ def load_gptq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     bits = c["bits"]
 
     def layer(name, tensors, k, n):
-        keys = [f"{name}.{t}" for t in ("qweight", "qzeros", "scales")]
-        lost = [key for key in keys if key not in tensors]
-        if lost:
-            raise ValueError(f"{model_dir}: missing tensors {lost}")
-        qw, qz, sc = (tensors.get(key) for key in keys)
+        (qw, qz, sc), keys = C.packed_layer_tensors(tensors, name, model_dir)
         if tuple(qw.shape) != (k * bits // 32, n) or k * bits % 32:
             raise ValueError(f"{model_dir}: {name}.qweight has shape {list(qw.shape)}, but the model's "
                              f"layer is [out {n}, in {k}] (GPTQ {bits}-bit expects [{k * bits // 32}, {n}])")
-        g_idx = tensors.get(f"{name}.g_idx") if f"{name}.g_idx" in tensors else None
+        g_idx = C.optional_tensor(tensors, f"{name}.g_idx")
         if g_idx is None and c["desc_act"]:
             raise ValueError(f"{model_dir}: {name}.g_idx is missing, but desc_act is true")
-        bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
+        bias = C.optional_tensor(tensors, f"{name}.bias")
         ql = gptq_to_quantlinear(qw, qz, sc, g_idx, bits, c["group_size"], c["version"], c["sym"],
                                  bias, name)
         used = keys + [f"{name}.{t}" for t in ("g_idx", "bias") if f"{name}.{t}" in tensors]
