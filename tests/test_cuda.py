@@ -5,30 +5,11 @@ Format ops (quantize, pack, unpack, dequantize) must equal the CPU ops bit for b
 scales, zeros, packed words and dequantised weights (compared as raw bits, so even the sign of a
 zero counts).
 
-GEMM tolerance rule, elementwise, with R the reduction length (K for gemm, N for gemm_t),
-u32 = 2^-24 the unit roundoff of fp32 and |W|~ = |s| (q + z) the zero-point-folded magnitude of
-each weight (it dominates |W| = |s| |q - z|):
-
-    |y - y_ref| <= 2 * (R + 1) * u32 * (|a| @ |W|~ᵀ + |bias|) + eps(out) * |y_ref| + eps(out) * tiny(out)
-
-y_ref is the float64 product of the same (already rounded) activations ``a`` and the dequantised
-weight (layerpress.reference.dequantize: exactly the fp32 values (q - z) * s the kernels decode),
-so the only error sources are the kernels' fp32 arithmetic and the final rounding:
-* the first term is the worst-case bound for forming R products and summing them (plus the bias)
-  in fp32 in any order, gamma_(R+1) <= (R + 1.01) u32, doubled for slack -- it holds whatever the
-  summation order or split, so it is not tied to one kernel's reduction tree; measuring it with
-  |W|~ instead of |W| also covers kernels that fold the zero point, s (sum q a - z sum a) (the CPU
-  kernels do; the CUDA kernel decodes (q - z) s per weight), whose partial sums are that large;
-* the second and third are one rounding of the fp32 result to the output dtype: relative for
-  normal results (eps = 2u leaves room for |y| vs |y_ref|), absolute (the subnormal spacing
-  eps * tiny, e.g. 2^-24 for float16) for results in the subnormal range.
-A wrong code, group index, scale or zero point gives errors of order |a| |W|, far above the bound
-(for the grid shapes, R <= 256, the first term is below 3.1e-5 of sum |a||W|~; 4.9e-4 for K = 4096).
+The GEMM tolerance rule is in tests/cuda_testutils.py.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 
 import pytest
@@ -39,129 +20,16 @@ import layerpress
 from layerpress import Layout, QuantLinear, QuantSpec, ops
 from layerpress import reference as R
 
+from cuda_testutils import (AXES, BITS, FLOAT_DTYPES, SPECS, SPEC_IDS, activation,
+                             assert_same_bits, assert_within, dtype_id, folded_magnitude, gemm_tolerance,
+                             quantized, shape_of, spec_id, sample_weight)
+
 pytestmark = pytest.mark.gpu
 
 DEVICE = torch.device("cuda")
 CANONICAL = Layout.CANONICAL
-U32 = 2.0 ** -24
 
-BITS = (2, 3, 4, 8)
-AXES = ("oc", "ic")
-GROUPS = (32, 64, 128, 256, -1)
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MS = (1, 3, 16, 33)
-
-# [N, K] per (axis, group_size): per-OC with odd N; per-IC needs N % g == 0, so odd N only for the
-# whole-column group. K = 96 (three 32-code blocks) where the group allows it.
-SHAPES = {
-    ("oc", 32): (37, 256), ("oc", 64): (37, 256), ("oc", 128): (37, 256), ("oc", 256): (37, 256),
-    ("oc", -1): (37, 96),
-    ("ic", 32): (96, 64), ("ic", 64): (128, 96), ("ic", 128): (128, 32), ("ic", 256): (256, 32),
-    ("ic", -1): (33, 96),
-}
-
-
-def _dt(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
-
-def _spec_id(spec: QuantSpec) -> str:
-    g = "whole" if spec.group_size == -1 else spec.group_size
-    return f"b{spec.bits}-{spec.axis}-g{g}-{'sym' if spec.symmetric else 'asym'}-{_dt(spec.scale_dtype)}"
-
-
-SPECS = [QuantSpec(bits=b, group_size=g, axis=a, symmetric=s, scale_dtype=sd)
-         for b, a, g, s, sd in itertools.product(BITS, AXES, GROUPS, (False, True), FLOAT_DTYPES)]
-SPEC_IDS = [_spec_id(s) for s in SPECS]
-
-
-def _shape(spec: QuantSpec):
-    return SHAPES[(spec.axis, spec.group_size)]
-
-
-def _weight(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    """Per-row offsets and scales (distinct zero points and group scales), a few outliers, an
-    all-zero row (zero scale -> stored as 1) and exact ties for the rounding (k/4 values)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * (0.02 + torch.rand(n, 1, generator=g) * 0.2)
-    w = w + (torch.rand(n, 1, generator=g) - 0.5) * 0.1
-    w.view(-1)[::97] *= 40.0
-    w[0] = 0.0
-    if n > 2:
-        w[1] = torch.randint(-16, 17, (k,), generator=g).float() / 4
-    return w.to(dtype)
-
-
-def _act(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) + 0.25).to(dtype)
-
-
-def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str):
-    """Equal dtype, shape and bits (floats compared as integers)."""
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    g, w = got.detach().cpu().contiguous(), want.detach().cpu().contiguous()
-    if g.is_floating_point():
-        as_int = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-        g, w = g.view(as_int[g.dtype]), w.view(as_int[w.dtype])
-    if not torch.equal(g, w):
-        bad = (g != w).nonzero()
-        idx = tuple(bad[0].tolist())
-        raise AssertionError(f"{what}: {bad.shape[0]}/{g.numel()} elements differ; first at {list(idx)}: "
-                             f"got {got.cpu()[idx].item()!r}, want {want.cpu()[idx].item()!r}")
-
-
-def folded_magnitude(codes: torch.Tensor, scales, zeros, spec: QuantSpec) -> torch.Tensor:
-    """|s| (q + z) per weight, float64 [N, K] (z = 2^(bits-1) when symmetric)."""
-    n, k = codes.shape
-    g = spec.group_for(n, k)
-    s = scales.to(torch.float64).abs()
-    z = (torch.full(s.shape, 2.0 ** (spec.bits - 1), dtype=torch.float64) if zeros is None
-         else zeros.to(torch.float64))
-    if spec.axis == "oc":   # scales [N, K/g]
-        s_full, z_full = s.repeat_interleave(g, 1), z.repeat_interleave(g, 1)
-    else:                   # scales [K, N/g]
-        s_full, z_full = s.repeat_interleave(g, 1).t(), z.repeat_interleave(g, 1).t()
-    return s_full * (codes.to(torch.float64) + z_full)
-
-
-def gemm_tolerance(a: torch.Tensor, mag: torch.Tensor, y_ref: torch.Tensor, out_dtype: torch.dtype,
-                   bias=None) -> torch.Tensor:
-    """The module docstring's bound for y = a @ Wᵀ (+ bias): a [M, R], mag = |W|~ laid out
-    [cols, R] float64."""
-    r = a.shape[-1]
-    acc = a.to(torch.float64).abs() @ mag.t()
-    if bias is not None:
-        acc = acc + bias.cpu().to(torch.float64).abs()
-    fi = torch.finfo(out_dtype)
-    return 2 * (r + 1) * U32 * acc + fi.eps * y_ref.abs() + fi.eps * fi.tiny
-
-
-def assert_within(y: torch.Tensor, y_ref: torch.Tensor, tol: torch.Tensor, what: str):
-    y = y.detach().cpu()
-    assert y.shape == y_ref.shape, f"{what}: shape {tuple(y.shape)} != {tuple(y_ref.shape)}"
-    assert torch.isfinite(y).all(), f"{what}: non-finite output"
-    err = (y.to(torch.float64) - y_ref).abs()
-    bad = err > tol
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; first at {list(idx)}: "
-            f"got {y[idx].item()!r}, ref {y_ref[idx].item()!r}, err {err[idx].item():.3e} > "
-            f"tol {tol[idx].item():.3e}; worst err/tol {(err / tol.clamp_min(1e-300)).max().item():.2f}")
-
-
-@functools.lru_cache(maxsize=None)
-def _quantized(spec: QuantSpec):
-    """CPU quantisation of the spec's test weight: (codes, scales, zeros, qweight, float64 W,
-    |W|~ for the tolerance)."""
-    n, k = _shape(spec)
-    w = _weight(n, k, seed=n + 7 * spec.bits)
-    codes, s, z = ops.quantize(w, spec)
-    q = ops.pack(codes, spec.bits)
-    w64 = R.dequantize(codes, s, z, spec).double()
-    return codes, s, z, q, w64, folded_magnitude(codes, s, z, spec)
 
 
 def _module_weight(ql: QuantLinear, spec: QuantSpec):
@@ -177,11 +45,11 @@ def _to_dev(*ts):
 
 # ---- format ops: bit-exact against the CPU ------------------------------------------------------
 
-@pytest.mark.parametrize("wdtype", FLOAT_DTYPES, ids=_dt)
+@pytest.mark.parametrize("wdtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_quantize_matches_cpu(spec, wdtype):
-    n, k = _shape(spec)
-    w = _weight(n, k, wdtype, seed=3 * n + spec.bits)
+    n, k = shape_of(spec)
+    w = sample_weight(n, k, wdtype, seed=3 * n + spec.bits)
     want = ops.quantize(w, spec)
     got = ops.quantize(w.to(DEVICE), spec)
     for name, g, c in zip(("codes", "scales", "zeros"), got, want):
@@ -189,16 +57,16 @@ def test_quantize_matches_cpu(spec, wdtype):
             assert g is None, name
         else:
             assert g.device.type == "cuda", name
-            assert_same_bits(g, c, f"{_spec_id(spec)} {name}")
+            assert_same_bits(g, c, f"{spec_id(spec)} {name}")
     # given scales (and zeros): the codes are recomputed from them, the scales returned as given
     given = ops.quantize(w.to(DEVICE), spec, *_to_dev(want[1], want[2]))
     for name, g, c in zip(("codes", "scales", "zeros"), given, want):
         if c is not None:
-            assert_same_bits(g, c, f"{_spec_id(spec)} given-scales {name}")
+            assert_same_bits(g, c, f"{spec_id(spec)} given-scales {name}")
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=b, group_size=32, axis=a, symmetric=s)
-                                  for b, a, s in itertools.product(BITS, AXES, (False, True))], ids=_spec_id)
+                                  for b, a, s in itertools.product(BITS, AXES, (False, True))], ids=spec_id)
 def test_quantize_ties_round_half_even(spec):
     """Given scale 0.5 and weights on multiples of 0.25: every w/s is an integer or a tie."""
     n, k = 64, 64
@@ -214,7 +82,7 @@ def test_quantize_ties_round_half_even(spec):
 
 def test_quantize_large_grid():
     """More groups than one wave of threads (grid-stride loops), both axes."""
-    w = _weight(512, 4096, seed=5)
+    w = sample_weight(512, 4096, seed=5)
     for axis in AXES:
         spec = QuantSpec(bits=3, group_size=32, axis=axis, symmetric=False, scale_dtype=torch.bfloat16)
         want = ops.quantize(w, spec)
@@ -225,7 +93,7 @@ def test_quantize_large_grid():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_quantize_rejects_nonfinite(bad):
-    w = _weight(37, 256)
+    w = sample_weight(37, 256)
     w[5, 17] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         ops.quantize(w.to(DEVICE), QuantSpec())
@@ -251,62 +119,62 @@ def test_pack_unpack_empty_rows():
     assert ops.unpack(q, 3).shape == (0, 64)
 
 
-@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES + (torch.float64,), ids=_dt)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES + (torch.float64,), ids=dtype_id)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_dequantize_matches_cpu(spec, out_dtype):
-    codes, s, z, q, _, _ = _quantized(spec)
+    codes, s, z, q, _, _ = quantized(spec)
     want = ops.dequantize(q, s, z, spec, out_dtype)
     got = ops.dequantize(*_to_dev(q, s, z), spec, out_dtype)
-    assert_same_bits(got, want, f"{_spec_id(spec)} dequantize")
+    assert_same_bits(got, want, f"{spec_id(spec)} dequantize")
 
 
 def test_dequantize_default_dtype_is_scale_dtype():
     spec = QuantSpec(scale_dtype=torch.bfloat16)
-    _, s, z, q, _, _ = _quantized(spec)
+    _, s, z, q, _, _ = quantized(spec)
     assert ops.dequantize(*_to_dev(q, s, z), spec).dtype == torch.bfloat16
 
 
 # ---- GEMM against float64 references -------------------------------------------------------------
 
 def _gemm_case(spec, dtype, m, seed, with_bias):
-    n, k = _shape(spec)
-    codes, s, z, q, w64, mag = _quantized(spec)
-    x = _act((m, k), dtype, seed)
-    bias = _act((n,), dtype, seed + 1) if with_bias else None
+    n, k = shape_of(spec)
+    codes, s, z, q, w64, mag = quantized(spec)
+    x = activation((m, k), dtype, seed)
+    bias = activation((n,), dtype, seed + 1) if with_bias else None
     y = ops.gemm(*_to_dev(x, q, s, z, bias), spec, n, CANONICAL)
     assert y.device.type == "cuda" and y.dtype == dtype and y.shape == (m, n)
     y_ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
     return y, y_ref, gemm_tolerance(x, mag, y_ref, dtype, bias)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dt)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_gemm_matches_reference(spec, dtype):
     for i, m in enumerate(MS):
         y, y_ref, tol = _gemm_case(spec, dtype, m, seed=10 * m + spec.bits, with_bias=i % 2 == 0)
-        assert_within(y, y_ref, tol, f"{_spec_id(spec)} gemm {_dt(dtype)} M={m}")
+        assert_within(y, y_ref, tol, f"{spec_id(spec)} gemm {dtype_id(dtype)} M={m}")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dt)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_gemm_t_matches_reference(spec, dtype):
-    n, k = _shape(spec)
-    codes, s, z, q, w64, mag = _quantized(spec)
+    n, k = shape_of(spec)
+    codes, s, z, q, w64, mag = quantized(spec)
     for m in MS:
-        g = _act((m, n), dtype, seed=20 * m + spec.bits)
+        g = activation((m, n), dtype, seed=20 * m + spec.bits)
         y = ops.gemm_t(*_to_dev(g, q, s, z), spec, n, CANONICAL)
         assert y.device.type == "cuda" and y.dtype == dtype and y.shape == (m, k)
         y_ref = g.double() @ w64
         assert_within(y, y_ref, gemm_tolerance(g, mag.t(), y_ref, dtype),
-                      f"{_spec_id(spec)} gemm_t {_dt(dtype)} M={m}")
+                      f"{spec_id(spec)} gemm_t {dtype_id(dtype)} M={m}")
 
 
 def test_gemm_cuda_matches_cpu_op():
     """The CUDA kernel (canonical layout) and the CPU op (bit-plane layout) agree within the bound."""
     spec = QuantSpec(bits=3, group_size=64, axis="oc", symmetric=False, scale_dtype=torch.float16)
-    n, k = _shape(spec)
-    codes, s, z, q, w64, mag = _quantized(spec)
-    x = _act((5, k), torch.float32, 3)
+    n, k = shape_of(spec)
+    codes, s, z, q, w64, mag = quantized(spec)
+    x = activation((5, k), torch.float32, 3)
     y_cpu = ops.gemm(x, *ops.repack(q, s, z, spec), None, spec, n)
     y_gpu = ops.gemm(*_to_dev(x, q, s, z), None, spec, n, CANONICAL)
     y_ref = x.double() @ w64.t()
@@ -318,9 +186,9 @@ def test_gemm_cuda_matches_cpu_op():
 def test_gemm_strided_and_batched_activations():
     """3-D input, rows with a stride (a column slice), and a large M (several row tiles per block)."""
     spec = QuantSpec(bits=4, group_size=128, axis="ic", symmetric=True, scale_dtype=torch.bfloat16)
-    n, k = _shape(spec)
-    _, s, z, q, w64, mag = _quantized(spec)
-    big = _act((3, 70, n + k + 8), torch.float16, 4)
+    n, k = shape_of(spec)
+    _, s, z, q, w64, mag = quantized(spec)
+    big = activation((3, 70, n + k + 8), torch.float16, 4)
     x = big[..., 8:8 + k]
     assert not x.is_contiguous() and x.stride(-1) == 1
     y = ops.gemm(*_to_dev(x, q, s, z), None, spec, n, CANONICAL)
@@ -341,16 +209,16 @@ def test_gemm_large_m_and_k():
     last partial), N = 301 (the last 4-row block of the forward grid is partial)."""
     spec = QuantSpec(bits=3, group_size=128, axis="oc", symmetric=False, scale_dtype=torch.float16)
     n, k, m = 301, 4096, 300
-    w = _weight(n, k, seed=9)
+    w = sample_weight(n, k, seed=9)
     codes, s, z = ops.quantize(w, spec)
     q = ops.pack(codes, 3)
     w64 = R.dequantize(codes, s, z, spec).double()
     mag = folded_magnitude(codes, s, z, spec)
-    x = _act((m, k), torch.bfloat16, 8)
+    x = activation((m, k), torch.bfloat16, 8)
     y = ops.gemm(*_to_dev(x, q, s, z), None, spec, n, CANONICAL)
     y_ref = x.double() @ w64.t()
     assert_within(y, y_ref, gemm_tolerance(x, mag, y_ref, torch.bfloat16), "large gemm")
-    g = _act((m, n), torch.bfloat16, 9)
+    g = activation((m, n), torch.bfloat16, 9)
     yt = ops.gemm_t(*_to_dev(g, q, s, z), spec, n, CANONICAL)
     yt_ref = g.double() @ w64
     assert_within(yt, yt_ref, gemm_tolerance(g, mag.t(), yt_ref, torch.bfloat16), "large gemm_t")
@@ -358,8 +226,8 @@ def test_gemm_large_m_and_k():
 
 def test_gemm_empty_m():
     spec = QuantSpec()
-    n, k = _shape(spec)
-    _, s, z, q, _, _ = _quantized(spec)
+    n, k = shape_of(spec)
+    _, s, z, q, _, _ = quantized(spec)
     x = torch.zeros(0, k, device=DEVICE)
     assert ops.gemm(x, *_to_dev(q, s, z), None, spec, n, CANONICAL).shape == (0, n)
     assert ops.gemm_t(torch.zeros(0, n, device=DEVICE), *_to_dev(q, s, z), spec, n, CANONICAL).shape == (0, k)
@@ -367,9 +235,9 @@ def test_gemm_empty_m():
 
 def test_gemm_respects_current_stream():
     spec = QuantSpec()
-    n, k = _shape(spec)
-    _, s, z, q, w64, mag = _quantized(spec)
-    x = _act((7, k), torch.float32, 2)
+    n, k = shape_of(spec)
+    _, s, z, q, w64, mag = quantized(spec)
+    x = activation((7, k), torch.float32, 2)
     qd, sd, zd, xd = _to_dev(q, s, z, x)
     eager = ops.gemm(xd, qd, sd, zd, None, spec, n, CANONICAL)
     side = torch.cuda.Stream()
@@ -385,8 +253,8 @@ def test_gemm_respects_current_stream():
 
 def test_gemm_rejects_cpu_layout():
     spec = QuantSpec()
-    n, k = _shape(spec)
-    _, s, z, q, _, _ = _quantized(spec)
+    n, k = shape_of(spec)
+    _, s, z, q, _, _ = quantized(spec)
     x = torch.zeros(2, k, device=DEVICE)
     with pytest.raises(ValueError, match="not a CUDA kernel layout"):
         ops.gemm(x, *_to_dev(q, s, z), None, spec, n, Layout.CPU_BITPLANE16)
@@ -398,8 +266,8 @@ def test_gemm_rejects_cpu_layout():
 
 def test_gemm_rejects_mixed_devices_and_bad_shapes():
     spec = QuantSpec()
-    n, k = _shape(spec)
-    _, s, z, q, _, _ = _quantized(spec)
+    n, k = shape_of(spec)
+    _, s, z, q, _, _ = quantized(spec)
     qd, sd, zd = _to_dev(q, s, z)
     with pytest.raises(ValueError, match="is on"):
         ops.gemm(torch.zeros(2, k, device=DEVICE), qd, s, zd, None, spec, n, CANONICAL)
@@ -414,8 +282,8 @@ def test_gemm_rejects_mixed_devices_and_bad_shapes():
 
 def test_repack_unrepack_canonical_are_copies():
     spec = QuantSpec(bits=3, symmetric=True)
-    n, _ = _shape(spec)
-    _, s, z, q, _, _ = _quantized(spec)
+    n, _ = shape_of(spec)
+    _, s, z, q, _, _ = quantized(spec)
     qd, sd, zd = _to_dev(q, s, z)
     q2, s2, z2 = ops.repack(qd, sd, zd, spec, CANONICAL)
     assert z2 is None
@@ -437,7 +305,7 @@ LINEAR_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", LINEAR_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("spec", LINEAR_SPECS, ids=spec_id)
 def test_quant_linear_on_cuda_matches_cpu(spec):
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
@@ -455,7 +323,7 @@ def test_quant_linear_on_cuda_matches_cpu(spec):
     assert_same_bits(ql_gpu.dequantized_weight(), ql.dequantized_weight(), "dequantized_weight")
 
     w64, mag = _module_weight(ql, spec)
-    x = _act((2, 5, 256), torch.float32, 1)
+    x = activation((2, 5, 256), torch.float32, 1)
     x_gpu = x.to(DEVICE).requires_grad_(True)
     y_gpu = ql_gpu(x_gpu)
     y_cpu = ql(x)
@@ -465,7 +333,7 @@ def test_quant_linear_on_cuda_matches_cpu(spec):
     assert_within(y_gpu.reshape(-1, 64), y_ref, tol, "QuantLinear CUDA forward")
     assert_within(y_cpu.reshape(-1, 64), y_ref, tol, "QuantLinear CPU forward")
     # backward: grad_x = G · W through gemm_t on the canonical layout, grad_bias = column sums
-    grad = _act((2, 5, 64), torch.float32, 2)
+    grad = activation((2, 5, 64), torch.float32, 2)
     y_gpu.backward(grad.to(DEVICE))
     g2 = grad.reshape(-1, 64)
     gx_ref = g2.double() @ w64
@@ -478,13 +346,13 @@ def test_quant_linear_on_cuda_matches_cpu(spec):
         assert_same_bits(t, sd_cpu[key], f"back on CPU: state_dict[{key}]")
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_dt)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=dtype_id)
 def test_quant_linear_half_precision_on_cuda(dtype):
     spec = QuantSpec(bits=4, group_size=64, axis="oc", symmetric=False, scale_dtype=torch.float16)
     torch.manual_seed(1)
     ql = QuantLinear.from_linear(nn.Linear(128, 48), spec).to(DEVICE).to(dtype)
     assert ql.scales.dtype == torch.float16 and ql.bias.dtype == dtype
-    x = _act((3, 128), dtype, 4)
+    x = activation((3, 128), dtype, 4)
     y = ql(x.to(DEVICE))
     assert y.dtype == dtype
     w64, mag = _module_weight(ql, spec)
@@ -497,12 +365,12 @@ def test_quant_linear_half_precision_on_cuda(dtype):
 
 def test_gemm_cuda_graph_capture():
     spec = QuantSpec(bits=4, group_size=128, axis="oc", symmetric=False, scale_dtype=torch.float16)
-    n, k = _shape(spec)
-    _, s, z, q, w64, mag = _quantized(spec)
+    n, k = shape_of(spec)
+    _, s, z, q, w64, mag = quantized(spec)
     qd, sd, zd = _to_dev(q, s, z)
-    x = _act((16, k), torch.float16, 5).to(DEVICE)
-    bias = _act((n,), torch.float16, 6).to(DEVICE)
-    g = _act((16, n), torch.float16, 7).to(DEVICE)
+    x = activation((16, k), torch.float16, 5).to(DEVICE)
+    bias = activation((n,), torch.float16, 6).to(DEVICE)
+    g = activation((16, n), torch.float16, 7).to(DEVICE)
     side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs recommends
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -515,8 +383,8 @@ def test_gemm_cuda_graph_capture():
         y = ops.gemm(x, qd, sd, zd, bias, spec, n, CANONICAL)
         yt = ops.gemm_t(g, qd, sd, zd, spec, n, CANONICAL)
     for seed in (11, 12):
-        x.copy_(_act((16, k), torch.float16, seed).to(DEVICE))
-        g.copy_(_act((16, n), torch.float16, seed + 100).to(DEVICE))
+        x.copy_(activation((16, k), torch.float16, seed).to(DEVICE))
+        g.copy_(activation((16, n), torch.float16, seed + 100).to(DEVICE))
         graph.replay()
         torch.cuda.synchronize()
         assert_same_bits(y, ops.gemm(x, qd, sd, zd, bias, spec, n, CANONICAL), "graph replay gemm")
@@ -531,12 +399,12 @@ def test_gemm_cuda_graph_capture():
 @pytest.mark.parametrize("spec", [
     QuantSpec(bits=3, group_size=32, axis="oc", symmetric=False, scale_dtype=torch.float16),
     QuantSpec(bits=4, group_size=-1, axis="ic", symmetric=True, scale_dtype=torch.bfloat16),
-], ids=_spec_id)
+], ids=spec_id)
 def test_opcheck_cuda(spec):
     lp = torch.ops.layerpress
-    n, k = _shape(spec)
-    codes, s, z, q, _, _ = _quantized(spec)
-    w = _weight(n, k, seed=2).to(DEVICE)
+    n, k = shape_of(spec)
+    codes, s, z, q, _, _ = quantized(spec)
+    w = sample_weight(n, k, seed=2).to(DEVICE)
     codes_d, qd, sd = _to_dev(codes, q, s)
     zd = None if z is None else z.to(DEVICE)
     b, g, ax = spec.bits, spec.group_size, spec.axis_id
@@ -548,11 +416,11 @@ def test_opcheck_cuda(spec):
     torch.library.opcheck(lp.dequantize.default, (qd, sd, zd, b, g, ax, torch.float32))
     torch.library.opcheck(lp.repack.default, (qd, sd, zd, b, g, ax, int(CANONICAL)))
     torch.library.opcheck(lp.unrepack.default, (qd, sd, zd, b, g, ax, int(CANONICAL), n))
-    x = _act((3, k), torch.bfloat16, 1).to(DEVICE).requires_grad_(True)
-    bias = _act((n,), torch.bfloat16, 2).to(DEVICE).requires_grad_(True)
+    x = activation((3, k), torch.bfloat16, 1).to(DEVICE).requires_grad_(True)
+    bias = activation((n,), torch.bfloat16, 2).to(DEVICE).requires_grad_(True)
     torch.library.opcheck(lp.gemm.default, (x, qd, sd, zd, bias, b, g, ax, int(CANONICAL), n))
     torch.library.opcheck(lp.gemm.default, (x.detach(), qd, sd, zd, None, b, g, ax, int(CANONICAL), n))
-    grad = _act((3, n), torch.bfloat16, 3).to(DEVICE)
+    grad = activation((3, n), torch.bfloat16, 3).to(DEVICE)
     torch.library.opcheck(lp.gemm_t.default, (grad, qd, sd, zd, b, g, ax, int(CANONICAL), n))
 
 

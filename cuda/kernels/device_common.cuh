@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "launch.cuh"
 #include "layerpress/quant_format.h"
 
 namespace layerpress {

@@ -125,7 +125,7 @@ unsigned row_tiles(int64_t M) {
 template <typename T>
 void launch_gemm(const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.p.N + kWarps - 1) / kWarps), row_tiles(a.M));
-  gemm_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
+  LP_LAUNCH(grid, kWarps * kWarpSize, 0, stream, gemm_kernel<T>)(
       device_args(a), static_cast<const T*>(a.x), static_cast<const T*>(a.bias),
       static_cast<T*>(a.y));
 }
@@ -133,7 +133,7 @@ void launch_gemm(const GemmArgs& a, cudaStream_t stream) {
 template <typename T>
 void launch_gemm_t(const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.p.K / kWarpSize), row_tiles(a.M));
-  gemm_t_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
+  LP_LAUNCH(grid, kWarps * kWarpSize, 0, stream, gemm_t_kernel<T>)(
       device_args(a), static_cast<const T*>(a.x), static_cast<T*>(a.y));
 }
 

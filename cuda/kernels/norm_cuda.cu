@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "launch.cuh"
 #include "layerpress/norm_cuda.h"
 
 namespace layerpress {
@@ -257,8 +258,8 @@ cudaError_t forward_t(const NormFwdArgs& a, cudaStream_t stream) {
              (!a.weight || aligned16(a.weight)) && (!a.bias || aligned16(a.bias));
   if (a.residual) vec = vec && a.res_stride % V == 0 && aligned16(a.residual) && aligned16(a.h);
   const RowLaunch l = row_launch(a.rows, a.cols, vec ? V : 1);
-  if (vec) norm_fwd_kernel<T, V><<<l.grid, l.block, 0, stream>>>(a);
-  else norm_fwd_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(a);
+  if (vec) LP_LAUNCH(l.grid, l.block, 0, stream, norm_fwd_kernel<T, V>)(a);
+  else LP_LAUNCH(l.grid, l.block, 0, stream, norm_fwd_kernel<T, 1>)(a);
   return cudaGetLastError();
 }
 
@@ -277,8 +278,8 @@ cudaError_t backward_t(const NormBwdArgs& a, void* workspace, cudaStream_t strea
                    aligned16(a.grad_y) && aligned16(a.grad_x) && (!a.weight || aligned16(a.weight)) &&
                    (!a.grad_h || (aligned16(a.grad_h) && a.gh_stride % V == 0));
   const RowLaunch l = row_launch(a.rows, a.cols, vec ? V : 1);
-  if (vec) norm_bwd_dx_kernel<T, V><<<l.grid, l.block, 0, stream>>>(a);
-  else norm_bwd_dx_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(a);
+  if (vec) LP_LAUNCH(l.grid, l.block, 0, stream, norm_bwd_dx_kernel<T, V>)(a);
+  else LP_LAUNCH(l.grid, l.block, 0, stream, norm_bwd_dx_kernel<T, 1>)(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || (!a.grad_weight && !a.grad_bias)) return err;
   const int64_t chunk = chunk_rows_for(a);
@@ -286,11 +287,11 @@ cudaError_t backward_t(const NormBwdArgs& a, void* workspace, cudaStream_t strea
   A* pw = a.grad_weight ? static_cast<A*>(workspace) : nullptr;
   A* pb = a.grad_bias ? static_cast<A*>(workspace) + (a.grad_weight ? chunks * a.cols : 0) : nullptr;
   const dim3 grid(static_cast<unsigned>((a.cols + kColTile - 1) / kColTile), static_cast<unsigned>(chunks));
-  norm_bwd_partial_kernel<T><<<grid, dim3(kColTile, kRowThreads), 0, stream>>>(a, pw, pb, chunk);
+  LP_LAUNCH(grid, dim3(kColTile, kRowThreads), 0, stream, norm_bwd_partial_kernel<T>)(a, pw, pb, chunk);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const unsigned rg = static_cast<unsigned>(std::min<int64_t>((a.cols + 255) / 256, 65535));
-  if (pw) norm_bwd_reduce_kernel<T><<<rg, 256, 0, stream>>>(pw, chunks, a.cols, static_cast<T*>(a.grad_weight));
-  if (pb) norm_bwd_reduce_kernel<T><<<rg, 256, 0, stream>>>(pb, chunks, a.cols, static_cast<T*>(a.grad_bias));
+  if (pw) LP_LAUNCH(rg, 256, 0, stream, norm_bwd_reduce_kernel<T>)(pw, chunks, a.cols, static_cast<T*>(a.grad_weight));
+  if (pb) LP_LAUNCH(rg, 256, 0, stream, norm_bwd_reduce_kernel<T>)(pb, chunks, a.cols, static_cast<T*>(a.grad_bias));
   return cudaGetLastError();
 }
 

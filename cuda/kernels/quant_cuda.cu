@@ -148,7 +148,7 @@ cudaError_t quantize_rtn_cuda(const void* w, FloatType w_type, const QuantParams
                               cudaStream_t stream) {
   const int64_t groups = (p.axis == GroupAxis::kPerOC ? p.N : p.K) * p.groups_per_line();
   if (groups <= 0) return cudaSuccess;
-  quantize_kernel<<<grid_for(groups, kThreads), kThreads, 0, stream>>>(
+  LP_LAUNCH(grid_for(groups, kThreads), kThreads, 0, stream, quantize_kernel)(
       w, w_type, DeviceQuant::from(p), codes, scales, zeros, given_scales, nonfinite);
   return cudaGetLastError();
 }
@@ -157,7 +157,7 @@ cudaError_t pack_codes_cuda(const uint8_t* codes, int64_t rows, int64_t K, int b
                             int32_t* packed, cudaStream_t stream) {
   const int64_t blocks = rows * (K / kPackBlockK);
   if (blocks <= 0) return cudaSuccess;
-  pack_kernel<<<grid_for(blocks, kThreads), kThreads, 0, stream>>>(codes, rows, K, bits, packed);
+  LP_LAUNCH(grid_for(blocks, kThreads), kThreads, 0, stream, pack_kernel)(codes, rows, K, bits, packed);
   return cudaGetLastError();
 }
 
@@ -165,7 +165,7 @@ cudaError_t unpack_codes_cuda(const int32_t* packed, int64_t rows, int64_t K, in
                               uint8_t* codes, cudaStream_t stream) {
   const int64_t n = rows * K;
   if (n <= 0) return cudaSuccess;
-  unpack_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(packed, rows, K, bits, codes);
+  LP_LAUNCH(grid_for(n, kThreads), kThreads, 0, stream, unpack_kernel)(packed, rows, K, bits, codes);
   return cudaGetLastError();
 }
 
@@ -174,7 +174,7 @@ cudaError_t dequantize_cuda(const int32_t* qweight, const void* scales, const ui
                             cudaStream_t stream) {
   const int64_t n = p.N * p.K;
   if (n <= 0) return cudaSuccess;
-  dequantize_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+  LP_LAUNCH(grid_for(n, kThreads), kThreads, 0, stream, dequantize_kernel)(
       qweight, scales, zeros, DeviceQuant::from(p), out, out_type);
   return cudaGetLastError();
 }

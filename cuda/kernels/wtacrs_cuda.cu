@@ -150,7 +150,7 @@ cudaError_t wtacrs_row_norms_cuda(const void* x, FloatType t, int64_t M, int64_t
   const unsigned blocks = grid_for(M, threads / kWarpSize);
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    row_norms_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), M, D, ld, out);
+    LP_LAUNCH(blocks, threads, 0, stream, row_norms_kernel<T>)(static_cast<const T*>(x), M, D, ld, out);
   });
 }
 
@@ -159,7 +159,7 @@ cudaError_t wtacrs_select_cuda(const double* sorted, const double* cum, const in
                                int64_t* idx, float* scale, cudaStream_t stream) {
   if (k == 0) return cudaSuccess;
   constexpr int threads = 256;
-  select_kernel<<<grid_for(k, threads), threads, 0, stream>>>(sorted, cum, order, M, k, c_ptr, seed,
+  LP_LAUNCH(grid_for(k, threads), threads, 0, stream, select_kernel)(sorted, cum, order, M, k, c_ptr, seed,
                                                               idx, scale);
   return cudaGetLastError();
 }
@@ -172,7 +172,7 @@ cudaError_t wtacrs_gather_scale_cuda(const void* x, FloatType t, int64_t D, int6
   const unsigned blocks = grid_for(k * D, threads);
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    gather_scale_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), D, ld, idx, scale,
+    LP_LAUNCH(blocks, threads, 0, stream, gather_scale_kernel<T>)(static_cast<const T*>(x), D, ld, idx, scale,
                                                            k, static_cast<T*>(out));
   });
 }
@@ -186,7 +186,7 @@ cudaError_t wtacrs_wgrad_cuda(const void* g, int64_t ldg, int64_t N, const void*
   const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    wgrad_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(g), ldg, N,
+    LP_LAUNCH(grid, kThreads, 0, stream, wgrad_kernel<T>)(static_cast<const T*>(g), ldg, N,
                                                    static_cast<const T*>(rows), D, idx, scale, k,
                                                    static_cast<T*>(dw));
   });

@@ -1,0 +1,3 @@
+// Emulator stand-in for CUDA's <cuda_runtime_api.h>: everything lives in lp_cuda_emu.h.
+#pragma once
+#include "../lp_cuda_emu.h"
