@@ -33,10 +33,15 @@ SCHEDULES = ("forward", "reverse", "random")
 def emu_build():
     # LAYERPRESS_CUDA_EMU_KERNELS=DIR runs the suite on another copy of cuda/kernels (a kernel
     # under development, or a broken one to see what the tests catch).
+    # LAYERPRESS_CUDA_EMU_SANITIZE=address,undefined builds it with sanitizers (run python with the
+    # sanitizer runtime preloaded: LD_PRELOAD=$(gcc -print-file-name=libasan.so), ASAN_OPTIONS=detect_leaks=0).
     other = os.environ.get("LAYERPRESS_CUDA_EMU_KERNELS")
+    sanitize = os.environ.get("LAYERPRESS_CUDA_EMU_SANITIZE", "")
+    where = DEFAULT_BUILD if not sanitize else DEFAULT_BUILD.with_name("cuda-emu-" + sanitize.replace(",", "-"))
     if other:
-        return build(Path(other).resolve().parent / "cuda-emu-build", kernel_dir=Path(other).resolve())
-    return build(DEFAULT_BUILD)
+        return build(Path(other).resolve().parent / "cuda-emu-build", kernel_dir=Path(other).resolve(),
+                     sanitize=sanitize)
+    return build(where, sanitize=sanitize)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +63,7 @@ def emu_any_order(request, emu):
 def test_ptx_selftest(emu_build, schedule):
     """cuda/emu/tests/ptx_selftest.cu: the mma.m16n8k16 (f16, bf16) and ldmatrix (x1/x2/x4, .trans)
     fragment layouts against plain matrix products, and the emulator's own diagnostics."""
-    env = {"LP_EMU_SCHEDULE": schedule if schedule != "random" else "random:77", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "LP_EMU_SCHEDULE": schedule if schedule != "random" else "random:77"}
     r = subprocess.run([str(emu_build / "ptx_selftest")], capture_output=True, text=True, env=env, timeout=120)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and lines and lines[-1].endswith(" 0 failed"), r.stdout + r.stderr

@@ -34,6 +34,7 @@
 #endif
 #endif
 #ifdef LP_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -250,6 +251,11 @@ void to_fibre(Block& b, Thread& t) {
 }
 
 void prepare_stack(Thread& t) {
+#ifdef LP_EMU_ASAN
+  // A reused stack still carries the poisoning of the frames its last fibre never unwound.
+  ASAN_UNPOISON_MEMORY_REGION(t.stack_lo, t.stack_size);
+  t.fake_stack = nullptr;
+#endif
   uintptr_t top = reinterpret_cast<uintptr_t>(t.stack_lo + t.stack_size) & ~static_cast<uintptr_t>(15);
   uintptr_t* sp = reinterpret_cast<uintptr_t*>(top);
   *--sp = 0;                                                     // alignment slot
@@ -891,6 +897,10 @@ cudaError_t cudaDeviceSynchronize() { return cudaPeekAtLastError(); }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaPeekAtLastError(); }
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) {

@@ -759,6 +759,11 @@ void test_emulator_diagnostics() {
 }  // namespace
 
 int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no GPU: cudaGetDeviceCount found none\n");
+    return 2;
+  }
   test_mma(false, true);
   test_mma(true, true);
   test_mma(false, false);
