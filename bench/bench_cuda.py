@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_gemm import (Reporter, UsageError, fmt_ratio, machine_info, print_aligned_table)
+from .bench_norms import EPS, eager_fn, layerpress_fn, make_runner  # the same functions as the CPU suite
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ["gemm", "norms", "wtacrs"]
@@ -69,7 +70,6 @@ NORM_HIDDEN_QUICK = [4096]
 NORM_HIDDEN_FULL = [1024, 4096, 8192]
 NORM_TOKENS = [4096, 16384]
 NORM_MODES = ["fwd", "fwdbwd"]
-EPS = 1e-6
 WTACRS_SHAPES = [(4096, 4096, 8192)]  # (in, out, tokens)
 WTACRS_RATIO = 0.3
 
@@ -449,26 +449,6 @@ def print_gemm_table(results: List[dict], file) -> None:
 
 # ---- norms -----------------------------------------------------------------------------------------
 
-def _eager(op: str):
-    if op == "rms_norm":
-        return lambda x, r, w, b: F.rms_norm(x, (x.shape[-1],), w, EPS)
-    if op == "add_rms_norm":
-        def f(x, r, w, b):
-            h = x + r
-            return F.rms_norm(h, (h.shape[-1],), w, EPS), h
-        return f
-    return lambda x, r, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS)
-
-
-def _layerpress_norm(op: str):
-    from layerpress import norm_ops
-    if op == "rms_norm":
-        return lambda x, r, w, b: norm_ops.rms_norm(x, w, EPS)
-    if op == "add_rms_norm":
-        return lambda x, r, w, b: norm_ops.add_rms_norm(x, r, w, EPS)
-    return lambda x, r, w, b: norm_ops.layer_norm(x, w, b, EPS)
-
-
 def _norm_bytes(op: str, mode: str, tokens: int, hidden: int, esize: int) -> int:
     """Minimal bytes: forward reads x (and r), writes y (and h); backward reads x (or h) and
     grad_y (and grad_h), writes grad_x (and grad_r)."""
@@ -476,23 +456,6 @@ def _norm_bytes(op: str, mode: str, tokens: int, hidden: int, esize: int) -> int
     fwd = {"rms_norm": 2, "add_rms_norm": 4, "layer_norm": 2}[op] * t
     bwd = {"rms_norm": 3, "add_rms_norm": 5, "layer_norm": 3}[op] * t
     return fwd + (bwd if mode == "fwdbwd" else 0)
-
-
-def _norm_runner(fn, mode, x, r, w, b, gy):
-    if mode == "fwd":
-        def run():
-            with torch.inference_mode():
-                fn(x, r, w, b)
-        return run
-    leaves = [t for t in (x, r, w, b) if t is not None]
-
-    def run_bwd():
-        for t in leaves:
-            t.grad = None
-        out = fn(x, r, w, b)
-        outs = list(out) if isinstance(out, tuple) else [out]
-        torch.autograd.backward(outs, [gy] * len(outs))
-    return run_bwd
 
 
 def run_norms(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> int:
@@ -519,8 +482,8 @@ def run_norms(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> 
         ok, err = True, None
         try:
             with torch.no_grad():
-                ours = _layerpress_norm(op)(x, r, w, b)
-                ref = _eager(op)(*(None if t is None else t.float() for t in (x, r, w, b)))
+                ours = layerpress_fn(op)(x, r, w, b)
+                ref = eager_fn(op)(*(None if t is None else t.float() for t in (x, r, w, b)))
             o = ours[0] if isinstance(ours, tuple) else ours
             rf = ref[0] if isinstance(ref, tuple) else ref
             err = _rel_err(o.float(), rf.double())
@@ -533,16 +496,16 @@ def run_norms(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> 
                 if impl == "layerpress":
                     if isinstance(err, str):
                         raise RuntimeError(err)
-                    fn = _layerpress_norm(op)
+                    fn = layerpress_fn(op)
                     rec.update({"max_rel_err": err, "ok": ok})
                 elif impl == COMPILE:
                     ck = (op, mode)
                     if ck not in compiled:
-                        compiled[ck] = torch.compile(_eager(op), dynamic=False)
+                        compiled[ck] = torch.compile(eager_fn(op), dynamic=False)
                     fn = compiled[ck]
                 else:
-                    fn = _eager(op)
-                run = _norm_runner(fn, mode, x, r, w, b, gy)
+                    fn = eager_fn(op)
+                run = make_runner(fn, mode, x, r, w, b, gy)
                 t0 = time.perf_counter()
                 run()
                 run()
