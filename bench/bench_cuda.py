@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_gemm import (Reporter, UsageError, fmt_ratio, machine_info, print_aligned_table)
-from .bench_norms import EPS, eager_fn, layerpress_fn, make_runner  # the same functions as the CPU suite
+from .bench_norms import eager_fn, layerpress_fn, make_runner  # the same functions as the CPU suite
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ["gemm", "norms", "wtacrs"]
