@@ -19,22 +19,10 @@ from typing import Dict, List
 
 from torch import nn
 
+from ..nn.linears import is_conv1d, weight_oi  # noqa: F401  (re-exported: the flows' name for them)
+
 __all__ = ["ModelAdapter", "ScalingGroup", "adapter_for", "get_submodule", "is_conv1d",
            "weight_oi", "SUPPORTED_MODEL_TYPES"]
-
-
-def is_conv1d(m: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D`` (GPT-2): a linear whose weight is stored ``[in, out]``."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
-def weight_oi(m: nn.Module):
-    """The weight of an ``nn.Linear`` or ``Conv1D`` as an ``[out, in]`` tensor (a view)."""
-    if isinstance(m, nn.Linear):
-        return m.weight.data
-    if is_conv1d(m):
-        return m.weight.data.t()
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(m).__name__}")
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:

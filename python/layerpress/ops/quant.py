@@ -9,9 +9,8 @@ from typing import Optional
 
 import torch
 
-from ._errors import typed_errors
-
-from .spec import Layout, QuantSpec
+from .._errors import typed_errors
+from ..spec import Layout, QuantSpec
 
 _ops = torch.ops.layerpress
 
