@@ -11,6 +11,9 @@ from typing import Callable, List, Optional
 
 PROG = "layerpress"
 
+__all__ = ["PROG", "UsageError", "timed_calls", "measure", "median_ms", "set_threads", "table",
+           "int4pack", "load_saved", "LOAD_ERRORS"]
+
 
 class UsageError(Exception):
     """A mistake on the command line: reported as one line, no traceback, exit status 2."""

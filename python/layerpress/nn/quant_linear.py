@@ -10,6 +10,8 @@ from torch import nn
 from .. import ops
 from ..spec import Layout, QuantSpec
 
+__all__ = ["QuantLinear", "quantize_linear", "layout_for", "SIDE_DTYPES"]
+
 _CANONICAL_KEYS = ("qweight", "scales", "zeros")
 #: Optional 16-bit side paths (docs/format.md §8): outliers as a sparse matrix ``S [N, K]`` given by
 #: flat row-major indices ``n·K + k`` (int32, strictly increasing) and values; LoRC factors

@@ -19,6 +19,9 @@ from .quant import register_no_gradient
 
 _ops = torch.ops.layerpress
 
+__all__ = ["budget", "check_ratio", "draw_seed", "draw_seed_tensor", "row_norms", "select",
+           "gather_scale", "wgrad", "sample", "sample_t"]
+
 
 # ---- fakes ---------------------------------------------------------------------------------------
 
