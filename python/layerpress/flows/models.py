@@ -49,6 +49,10 @@ class ModelAdapter:
     kind: str = "causal"  # "causal" (decoder LM) or "encoder"
     #: linear name (relative to a block) -> measurement module name (relative to the block)
     measure_points: Dict[str, str] = {}
+    #: where the blocks are in the base model (e.g. ``LlamaModel``: ``"layers"``), and the
+    #: attribute under which a model with a head (``LlamaForCausalLM``) holds its base model
+    blocks_in_base: str = ""
+    base_attr: str = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -56,8 +60,11 @@ class ModelAdapter:
 
     # -- structure ---------------------------------------------------------------------------------
     def blocks_path(self) -> str:
-        """Dotted path of the ModuleList of blocks, relative to the model."""
-        raise NotImplementedError
+        """Dotted path of the ModuleList of blocks, relative to the model (a base model or one
+        with a head)."""
+        if hasattr(self.model, self.base_attr):
+            return f"{self.base_attr}.{self.blocks_in_base}"
+        return self.blocks_in_base
 
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.blocks_path())
@@ -96,8 +103,7 @@ class LlamaAdapter(ModelAdapter):
         "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "mlp.down_proj",
     }
 
-    def blocks_path(self):
-        return "model.layers" if hasattr(self.model, "model") else "layers"
+    blocks_in_base, base_attr = "layers", "model"
 
     def scaling_groups(self, block):
         a = block.self_attn
@@ -120,8 +126,7 @@ class OPTAdapter(ModelAdapter):
         "fc1": "", "fc2": "fc2",
     }
 
-    def blocks_path(self):
-        return "model.decoder.layers" if hasattr(self.model, "model") else "decoder.layers"
+    blocks_in_base, base_attr = "decoder.layers", "model"
 
     def scaling_groups(self, block):
         return [ScalingGroup("self_attn_layer_norm",
@@ -139,8 +144,7 @@ class GPT2Adapter(ModelAdapter):
     measure_points = {"attn.c_attn": "attn", "attn.c_proj": "attn.c_proj",
                       "mlp.c_fc": "mlp", "mlp.c_proj": "mlp.c_proj"}
 
-    def blocks_path(self):
-        return "transformer.h" if hasattr(self.model, "transformer") else "h"
+    blocks_in_base, base_attr = "h", "transformer"
 
     def scaling_groups(self, block):
         return [ScalingGroup("ln_1", ("attn.c_attn",), "attn"),
@@ -158,8 +162,7 @@ class BertAdapter(ModelAdapter):
         "intermediate.dense": "", "output.dense": "output.dense",
     }
 
-    def blocks_path(self):
-        return "bert.encoder.layer" if hasattr(self.model, "bert") else "encoder.layer"
+    blocks_in_base, base_attr = "encoder.layer", "bert"
 
     def scaling_groups(self, block):
         # Post-LN: the q/k/v input is the previous block's output LayerNorm (outside this block),

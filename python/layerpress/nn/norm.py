@@ -34,6 +34,16 @@ def _shape(normalized_shape: _Shape) -> Tuple[int, ...]:
 
 
 class _FusedNorm(nn.Module):
+    def __init__(self, normalized_shape: _Shape, eps, elementwise_affine: bool, device, dtype):
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         nd = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - nd:]) != self.normalized_shape or x.dim() < nd:
@@ -58,14 +68,7 @@ class FusedRMSNorm(_FusedNorm):
 
     def __init__(self, normalized_shape: _Shape, eps: Optional[float] = None,
                  elementwise_affine: bool = True, device=None, dtype=None):
-        super().__init__()
-        self.normalized_shape = _shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
     @property
     def variance_epsilon(self) -> Optional[float]:
@@ -117,18 +120,10 @@ class FusedLayerNorm(_FusedNorm):
 
     def __init__(self, normalized_shape: _Shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        self.normalized_shape = _shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
-            if bias:
-                self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
-            else:
-                self.register_parameter("bias", None)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
         else:
-            self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
     def reset_parameters(self) -> None:
