@@ -107,10 +107,10 @@ def main(argv=None) -> int:
         rows.append(["W3.5", f"gptq random x{args.n_random}", "auto", f"{rm['mean_cos']:.4f}",
                      f"{rm['min_cos']:.4f}", f"{100 * rm['nn_agreement']:.0f}%", f"{rm['time_s']:.1f}"])
 
-    from layerpress.cli import _table
+    from layerpress.cli.common import table
     print(f"all-MiniLM-L6-v2, g128, all 36 encoder linears; held-out 60 sentences; "
           f"{torch.get_num_threads()} thread(s)")
-    print(_table(["bits", "method", "axis", "mean cos", "min cos", "NN agree", "quantise s"], rows, left=3))
+    print(table(["bits", "method", "axis", "mean cos", "min cos", "NN agree", "quantise s"], rows, left=3))
     checks = []
     best = results.get((4, "gptq", "auto")), results.get((3, "gptq", "auto"))
     if best[0]:

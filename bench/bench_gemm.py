@@ -27,13 +27,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 import layerpress
 from layerpress import QuantSpec, ops
+from layerpress.cli.common import (UsageError, int4pack, measure, table,  # noqa: F401  (re-exported)
+                                   timed_calls)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in features, N = out features)
 MS = [1, 16, 128]
@@ -45,10 +47,6 @@ DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 INT4PACK = "aten._weight_int4pack_mm_for_cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class UsageError(Exception):
-    """A problem with the command line (reported without a traceback)."""
 
 
 # ---- machine ---------------------------------------------------------------------------------------
@@ -113,34 +111,6 @@ class Reporter:
             self.file.close()
 
 
-def timed_calls(fn: Callable[[], object], target_s: float, min_repeats: int = 3,
-                max_repeats: int = 2000) -> List[float]:
-    """Wall times (s) of repeated ``fn()`` calls: warm-up calls first (at least one, about a
-    tenth of the budget), then enough timed calls that they take about ``target_s``."""
-    warm_deadline = time.perf_counter() + target_s / 10
-    t0 = time.perf_counter()
-    fn()
-    est = time.perf_counter() - t0
-    while time.perf_counter() < warm_deadline:
-        t0 = time.perf_counter()
-        fn()
-        est = min(est, time.perf_counter() - t0)
-    repeats = int(min(max_repeats, max(min_repeats, target_s / max(est, 1e-7))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def measure(fn: Callable[[], object], target_s: float = 0.25, min_repeats: int = 3,
-            max_repeats: int = 2000) -> tuple:
-    """Median wall time of ``fn()`` in ms over ``timed_calls``. Returns (median_ms, repeats)."""
-    times = timed_calls(fn, target_s, min_repeats, max_repeats)
-    return statistics.median(times) * 1e3, len(times)
-
-
 # ---- weights ---------------------------------------------------------------------------------------
 
 def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
@@ -154,16 +124,9 @@ def layerpress_weight(w: torch.Tensor, spec: QuantSpec):
     return ops.repack(ops.pack(codes, spec.bits), s, z, spec)
 
 
-def int4pack_weight(w: torch.Tensor, group: int):
-    """The same W4 g128 asymmetric RTN weight in the layout of _weight_int4pack_mm_for_cpu:
-    tinygemm computes (q - 8)·scale + zero, so zero = (8 - z)·s; scales_and_zeros is bf16
-    [K/g, N, 2]."""
-    spec = QuantSpec(bits=4, group_size=group, axis="oc", scale_dtype=torch.bfloat16)
-    codes, s, z = ops.quantize(w, spec)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    sf = s.float()
-    sz = torch.stack([sf, (8.0 - z.float()) * sf], dim=-1).transpose(0, 1).contiguous()
-    return packed, sz.to(torch.bfloat16)
+# The W4 g128 asymmetric RTN weight in the layout of _weight_int4pack_mm_for_cpu: one conversion,
+# shared with `layerpress demo`.
+int4pack_weight = int4pack
 
 
 # ---- the C++ binary --------------------------------------------------------------------------------
@@ -324,13 +287,9 @@ def print_table(results: List[dict], file) -> None:
 
 def print_aligned_table(title: str, head: List[str], rows: List[List[str]], file) -> None:
     """A title line, then right-aligned columns under a header and a rule."""
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print("", file=file)
     print(title, file=file)
-    print("  ".join(h.rjust(w) for h, w in zip(head, widths)), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
+    print(table(head, rows, left=0), file=file)
     file.flush()
 
 

@@ -6,11 +6,15 @@
 ``--check`` fails (exit 1, the missing items listed) when an op registered by the built extension
 has no ``#### `layerpress::<op>` `` section in the file, or its schema (as the registry prints it)
 does not appear there verbatim, or a ``layerpress`` CLI subcommand has no ``### `layerpress <cmd>` ``
-section. The prose is written by hand; this keeps its schemas true to the code.
+section, or a row of the module map (the modules of ``layerpress.ops``, ``layerpress.nn`` and
+``layerpress.cli`` with their public names) is not there verbatim. The prose is written by hand;
+this keeps its schemas and module map true to the code.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -46,8 +50,33 @@ def cli_commands() -> list[str]:
     return []
 
 
+MAPPED_PACKAGES = ("layerpress.ops", "layerpress.nn", "layerpress.cli")
+
+
+def public_names(module) -> list[str]:
+    """``__all__``, or else the public functions and classes the module defines itself."""
+    if hasattr(module, "__all__"):
+        return list(module.__all__)
+    return sorted(n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
+                  and getattr(v, "__module__", None) == module.__name__)
+
+
+def module_map() -> list[str]:
+    """One markdown row per module of the op faces, the modules and the CLI: its public names."""
+    rows = []
+    for pkg_name in MAPPED_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if info.name.startswith("__"):
+                continue
+            mod = importlib.import_module(f"{pkg_name}.{info.name}")
+            rows.append(f"| `{mod.__name__}` | {', '.join(f'`{n}`' for n in public_names(mod))} |")
+    return rows
+
+
 def markdown() -> str:
-    lines = ["| op | kernels registered in this build |", "|---|---|"]
+    lines = ["| module | public names |", "|---|---|", *module_map(), ""]
+    lines += ["| op | kernels registered in this build |", "|---|---|"]
     lines += [f"| `{op}` | {', '.join(kernels(op))} |" for op in registered_ops()]
     lines.append("")
     for op in registered_ops():
@@ -66,6 +95,9 @@ def check(path: Path) -> list[str]:
     for cmd in cli_commands():
         if f"### `layerpress {cmd}`" not in text:
             problems.append(f"CLI command {cmd}: no '### `layerpress {cmd}`' section")
+    for row in module_map():
+        if row not in text:
+            problems.append(f"module map: row not found verbatim: {row}")
     return problems
 
 

@@ -44,6 +44,15 @@ def test_check_reports_a_missing_op_and_a_stale_schema(tmp_path):
     assert [p for p in gen.check(tmp_path / "b.md") if p.startswith("op gemm_t: schema")]
 
 
+def test_check_reports_a_stale_module_map_row(tmp_path):
+    gen = _gen_api_doc()
+    row = next(r for r in gen.module_map() if r.startswith("| `layerpress.nn.quant_linear` |"))
+    assert "`QuantLinear`" in row
+    (tmp_path / "c.md").write_text(API.read_text(encoding="utf-8").replace(row, row.replace(
+        "`QuantLinear`, ", "")), encoding="utf-8")
+    assert gen.check(tmp_path / "c.md") == [f"module map: row not found verbatim: {row}"]
+
+
 def _fmt_default(v) -> str:
     """A default as docs/api.md writes it: "str", Layout.NAME, 1e-6, QuantSpec(), torch.float16."""
     if isinstance(v, str):

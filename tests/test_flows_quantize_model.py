@@ -256,3 +256,25 @@ def test_saved_config_records_the_model_dtype(tmp_path):
     quantize_model(model, bits=4, calib=calib_ids(), method="rtn", axis="oc")
     cfg = _json.loads((save_quantized(model, tmp_path / "m") / "config.json").read_text())
     assert cfg.get("dtype") == "float32" or cfg.get("torch_dtype") == "float32", cfg.get("dtype")
+
+
+def test_quantize_settings_are_the_keyword_api_validated():
+    """QuantizeSettings has quantize_model's keyword arguments (names and defaults), rejects a bad
+    one at construction, and records what a checkpoint manifest keeps: every argument but those
+    that do not change the result."""
+    import inspect
+
+    from layerpress.flows.checkpoint import _NOT_RECORDED
+    from layerpress.flows.quantize_model import QuantizeSettings
+
+    params = dict(inspect.signature(quantize_model).parameters)
+    params.pop("model")
+    fields = inspect.signature(QuantizeSettings).parameters
+    assert {n: p.default for n, p in params.items()} == {n: p.default for n, p in fields.items()}
+    for bad in (dict(method="foo"), dict(axis="x"), dict(bits=0), dict(select_with="x"),
+                dict(allocation="x"), dict(outliers=1.5)):
+        with pytest.raises(ValueError):
+            QuantizeSettings(**bad)
+    recorded = QuantizeSettings(bits=3.5, scale_dtype=torch.bfloat16).recorded()
+    assert set(recorded) == set(params) - set(_NOT_RECORDED)
+    assert recorded["bits"] == 3.5 and recorded["scale_dtype"] == "bfloat16"

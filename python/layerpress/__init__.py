@@ -34,11 +34,12 @@ def _load_cuda_library() -> str:
 
 _cuda_status = _load_cuda_library()
 
-from . import ops  # noqa: E402
+from . import ops  # noqa: E402  (registers every op's fakes and autograd, once)
 from .spec import QuantSpec, Layout
 from .nn import QuantLinear, quantize_linear
-from .norms import FusedLayerNorm, FusedRMSNorm  # noqa: F401  (also registers the norm ops' fakes/autograd)
-from .wtacrs import WTACRSLinear, LoRALinear, apply_wtacrs, apply_lora  # noqa: F401  (also registers the WTA-CRS ops' fakes)
+from .nn import FusedLayerNorm, FusedRMSNorm  # noqa: F401
+from .nn.wtacrs import WTACRSLinear, LoRALinear, apply_wtacrs, apply_lora  # noqa: F401
+from . import norm_ops, norms, wtacrs, wtacrs_ops  # noqa: F401,E402  (the documented older module paths)
 
 __version__ = _json.loads(torch.ops.layerpress.build_info())["version"]
 

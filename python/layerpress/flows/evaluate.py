@@ -117,9 +117,10 @@ def importance_vs_random_orders(model: nn.Module, tokenizer, bits: float = 3.5, 
 
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}")
-    encoder = adapter_for(model).kind == "encoder"
+    adapter = adapter_for(model)
+    encoder = adapter.kind == "encoder"
     reference = sentence_embeddings(model, tokenizer, texts) if encoder else None
-    n_blocks = len(adapter_for(model).blocks())
+    n_blocks = len(adapter.blocks())
 
     def run(kind, **kw):
         m = copy.deepcopy(model)

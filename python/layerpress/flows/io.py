@@ -135,16 +135,24 @@ def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], c
     return path
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; ValueError naming the file if it is not one."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
 def _read_config(path: Path) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"no saved layerpress model at {path} (not a directory)")
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} is missing: not a saved layerpress model")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     q = cfg.get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != "layerpress":
         raise ValueError(f"{cfg_path}: no layerpress quantization_config")

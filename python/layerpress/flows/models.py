@@ -19,22 +19,10 @@ from typing import Dict, List
 
 from torch import nn
 
+from ..nn.linears import is_conv1d, weight_oi  # noqa: F401  (re-exported: the flows' name for them)
+
 __all__ = ["ModelAdapter", "ScalingGroup", "adapter_for", "get_submodule", "is_conv1d",
            "weight_oi", "SUPPORTED_MODEL_TYPES"]
-
-
-def is_conv1d(m: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D`` (GPT-2): a linear whose weight is stored ``[in, out]``."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
-def weight_oi(m: nn.Module):
-    """The weight of an ``nn.Linear`` or ``Conv1D`` as an ``[out, in]`` tensor (a view)."""
-    if isinstance(m, nn.Linear):
-        return m.weight.data
-    if is_conv1d(m):
-        return m.weight.data.t()
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(m).__name__}")
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:
@@ -61,6 +49,10 @@ class ModelAdapter:
     kind: str = "causal"  # "causal" (decoder LM) or "encoder"
     #: linear name (relative to a block) -> measurement module name (relative to the block)
     measure_points: Dict[str, str] = {}
+    #: where the blocks are in the base model (e.g. ``LlamaModel``: ``"layers"``), and the
+    #: attribute under which a model with a head (``LlamaForCausalLM``) holds its base model
+    blocks_in_base: str = ""
+    base_attr: str = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -68,8 +60,11 @@ class ModelAdapter:
 
     # -- structure ---------------------------------------------------------------------------------
     def blocks_path(self) -> str:
-        """Dotted path of the ModuleList of blocks, relative to the model."""
-        raise NotImplementedError
+        """Dotted path of the ModuleList of blocks, relative to the model (a base model or one
+        with a head)."""
+        if hasattr(self.model, self.base_attr):
+            return f"{self.base_attr}.{self.blocks_in_base}"
+        return self.blocks_in_base
 
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.blocks_path())
@@ -108,8 +103,7 @@ class LlamaAdapter(ModelAdapter):
         "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "mlp.down_proj",
     }
 
-    def blocks_path(self):
-        return "model.layers" if hasattr(self.model, "model") else "layers"
+    blocks_in_base, base_attr = "layers", "model"
 
     def scaling_groups(self, block):
         a = block.self_attn
@@ -132,8 +126,7 @@ class OPTAdapter(ModelAdapter):
         "fc1": "", "fc2": "fc2",
     }
 
-    def blocks_path(self):
-        return "model.decoder.layers" if hasattr(self.model, "model") else "decoder.layers"
+    blocks_in_base, base_attr = "decoder.layers", "model"
 
     def scaling_groups(self, block):
         return [ScalingGroup("self_attn_layer_norm",
@@ -151,8 +144,7 @@ class GPT2Adapter(ModelAdapter):
     measure_points = {"attn.c_attn": "attn", "attn.c_proj": "attn.c_proj",
                       "mlp.c_fc": "mlp", "mlp.c_proj": "mlp.c_proj"}
 
-    def blocks_path(self):
-        return "transformer.h" if hasattr(self.model, "transformer") else "h"
+    blocks_in_base, base_attr = "h", "transformer"
 
     def scaling_groups(self, block):
         return [ScalingGroup("ln_1", ("attn.c_attn",), "attn"),
@@ -170,8 +162,7 @@ class BertAdapter(ModelAdapter):
         "intermediate.dense": "", "output.dense": "output.dense",
     }
 
-    def blocks_path(self):
-        return "bert.encoder.layer" if hasattr(self.model, "bert") else "encoder.layer"
+    blocks_in_base, base_attr = "encoder.layer", "bert"
 
     def scaling_groups(self, block):
         # Post-LN: the q/k/v input is the previous block's output LayerNorm (outside this block),

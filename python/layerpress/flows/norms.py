@@ -21,25 +21,13 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..norms import FusedLayerNorm, FusedRMSNorm, fused_norm_from, is_layer_norm, is_rms_norm
+from ..nn.linears import weight_oi
+from ..nn.norm import FusedLayerNorm, FusedRMSNorm, fused_norm_from, is_layer_norm, is_rms_norm
 
 __all__ = ["fold_norm_weights", "convert_pre_ln_to_rmsnorm", "fuse_norms", "norm_plan"]
 
 
 # ---- linear-like modules: nn.Linear ([out, in]) and HF Conv1D ([in, out]) -------------------------
-
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
-def _w_oi(m: nn.Module) -> torch.Tensor:
-    """The weight as an [out, in] view (writes go to the module's own storage)."""
-    if isinstance(m, nn.Linear):
-        return m.weight.data
-    if _is_conv1d(m):
-        return m.weight.data.t()
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(m).__name__}")
-
 
 def _ensure_bias(m: nn.Module) -> torch.Tensor:
     if getattr(m, "bias", None) is None:
@@ -61,7 +49,7 @@ def _fold_into(norm: nn.Module, consumers: List[nn.Module]) -> None:
     g = gamma.detach().double().reshape(-1) if gamma is not None else None
     bt = beta.detach().double().reshape(-1) if beta is not None else None
     for lin in consumers:
-        w = _w_oi(lin)
+        w = weight_oi(lin)
         w64 = w.double()
         if bt is not None and bool((bt != 0).any()):
             bias = _ensure_bias(lin)
@@ -76,7 +64,7 @@ def _fold_into(norm: nn.Module, consumers: List[nn.Module]) -> None:
 
 @torch.no_grad()
 def _centre_writer(lin: nn.Module) -> None:
-    w = _w_oi(lin)
+    w = weight_oi(lin)
     w.copy_((w.double() - w.double().mean(0, keepdim=True)).to(w.dtype))
     if getattr(lin, "bias", None) is not None:
         b = lin.bias.data

@@ -19,9 +19,9 @@ Returns a :class:`QuantReport` (per-layer bits, axis, error; allocation; timings
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from .progress import progress_bar
 from .quantizers import HessianAccumulator, QuantResult, gptq, rtn
 from .side_paths import check_side_args, quantise_with_side_paths
 
-__all__ = ["quantize_model", "QuantReport", "LayerReport", "calibration_ids"]
+__all__ = ["quantize_model", "QuantizeSettings", "QuantReport", "LayerReport", "calibration_ids"]
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 AXIS_CHOICES = ("oc", "ic", "auto")
@@ -246,242 +246,397 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     tokens; ``batch_size`` (sequences per forward) defaults to about 1024 tokens' worth.
     ``block_order``: blocks least important first, used instead of ``importance`` by the
     fractional-bit allocation (e.g. a random order as a baseline)."""
-    run_args = dict(locals())  # every argument, recorded by a checkpoint manifest
-    check_side_args(outliers, lorc_rank, side_dtype, outlier_criterion)
-    if select_with not in ("applied", "rtn"):
-        raise ValueError(f"select_with must be 'applied' or 'rtn', got {select_with!r}")
+    settings = QuantizeSettings(**{k: v for k, v in locals().items() if k != "model"})
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
-                               n_samples, seq_len, batch_size, device, symmetric, scale_dtype,
-                               act_order, high_bits, low_bits, seed, adapter, verbose, select_with,
-                               side=dict(outliers=outliers, lorc_rank=lorc_rank, side_dtype=side_dtype,
-                                         criterion=outlier_criterion),
-                               ckpt_args=(checkpoint_dir, resume, on_block_done, run_args),
-                               alloc_args=(allocation, widths),
-                               quality=dict(clip=clip, align=align, block_order=block_order,
-                                            progress=progress))
+        return _run(model, settings)
     finally:
         torch.set_num_threads(old)
 
 
+@dataclass(frozen=True, eq=False)
+class QuantizeSettings:
+    """The settings of one :func:`quantize_model` run: its keyword arguments (the same names and
+    defaults), checked at construction (ValueError) so that a bad one fails before any work.
+    :meth:`recorded` is what a checkpoint manifest keeps of them."""
+    bits: Union[int, float] = 4
+    group_size: int = 128
+    axis: str = "auto"
+    method: str = "gptq"
+    importance: str = "lim"
+    calib: object = None
+    tokenizer: object = None
+    n_samples: Optional[int] = None
+    seq_len: Optional[int] = None
+    batch_size: Optional[int] = None
+    device: object = None
+    symmetric: bool = False
+    scale_dtype: torch.dtype = torch.float16
+    act_order: bool = True
+    high_bits: Optional[int] = None
+    low_bits: Optional[int] = None
+    seed: int = 0
+    adapter: Optional[ModelAdapter] = None
+    verbose: bool = False
+    threads: Optional[int] = None
+    select_with: str = "applied"
+    outliers: float = 0.0
+    lorc_rank: int = 0
+    outlier_criterion: str = "magnitude"
+    side_dtype: torch.dtype = torch.float16
+    checkpoint_dir: object = None
+    resume: bool = False
+    on_block_done: Optional[Callable[[int], None]] = None
+    allocation: str = "order"
+    widths: Optional[Sequence[int]] = None
+    clip: bool = True
+    align: Optional[bool] = None
+    block_order: Optional[Sequence[int]] = None
+    progress: Optional[bool] = None
+
+    def __post_init__(self):
+        check_side_args(self.outliers, self.lorc_rank, self.side_dtype, self.outlier_criterion)
+        if self.select_with not in ("applied", "rtn"):
+            raise ValueError(f"select_with must be 'applied' or 'rtn', got {self.select_with!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.axis not in AXIS_CHOICES:
+            raise ValueError(f"axis must be one of {AXIS_CHOICES}, got {self.axis!r}")
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
+            raise ValueError(f"bits must be a positive number, got {bits!r}")
+        if self.allocation not in ("order", "knapsack"):
+            raise ValueError(f"allocation must be 'order' or 'knapsack', got {self.allocation!r}")
+
+    @property
+    def side(self) -> dict:
+        """The side-path arguments of flows/side_paths.py ``quantise_with_side_paths``."""
+        return dict(outliers=self.outliers, lorc_rank=self.lorc_rank, side_dtype=self.side_dtype,
+                    criterion=self.outlier_criterion)
+
+    @property
+    def widths_or_default(self) -> Sequence[int]:
+        return self.widths or BITS
+
+    def recorded(self) -> dict:
+        """The result-relevant settings, JSON-normalised, as a checkpoint manifest records them."""
+        from .checkpoint import run_arguments
+        return run_arguments({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass
+class BitPlan:
+    """What the allocation stage decided: a width per block (a fraction where knapsack mixed
+    widths inside one) and per linear (knapsack), with what the report records of it."""
+    block_bits: list
+    layer_bits: Dict[str, int]
+    demoted: List[int]
+    average: float
+    params: List[int]                     # weights per block
+    scores: Optional[List[float]] = None  # block importance (reported; ordered the demotion)
+    importance: Optional[str] = None      # what the scores are ("lim", ..., "given order")
+
+    def width(self, full_name: str, block: int):
+        return self.layer_bits.get(full_name, self.block_bits[block])
+
+
+@dataclass
+class _Tally:
+    """The report's running totals over the blocks done so far."""
+    layers: List[LayerReport] = field(default_factory=list)
+    awq_groups: List[dict] = field(default_factory=list)
+    original_bytes: int = 0
+    quantized_bytes: int = 0
+
+
+# ---- the run, stage by stage ------------------------------------------------------------------
+
 @torch.no_grad()
-def _quantize_model(model, bits, group_size, axis, method, importance, calib, tokenizer,
-                    n_samples, seq_len, batch_size, device, symmetric, scale_dtype, act_order,
-                    high_bits, low_bits, seed, adapter, verbose, select_with, side=None,
-                    ckpt_args=(None, False, None, None), alloc_args=("order", None),
-                    quality=None) -> QuantReport:
+def _run(model: nn.Module, s: QuantizeSettings) -> QuantReport:
     started = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if axis not in AXIS_CHOICES:
-        raise ValueError(f"axis must be one of {AXIS_CHOICES}, got {axis!r}")
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
-        raise ValueError(f"bits must be a positive number, got {bits!r}")
-    adapter = adapter or adapter_for(model)
+    adapter = s.adapter or adapter_for(model)  # resolved once, passed to every stage
     blocks = adapter.blocks()
-    quality = quality or {}
-    clip, block_order = quality.get("clip", True), quality.get("block_order")
-    n_samples, seq_len, align = default_calibration_shape(adapter.kind, n_samples, seq_len,
-                                                          quality.get("align"))
-    ids = calibration_ids(calib, tokenizer, n_samples, seq_len, seed, align)
-    if batch_size is None:  # about 1024 tokens per batch: few, large ops (short sequences too)
-        batch_size = max(1, 1024 // int(ids.shape[1]))
+    ids, batch_size = _calibrate(adapter, s)
     was_training = model.training
     model.eval()
+    _check_lorc_rank(adapter, blocks, s.lorc_rank)
+    scoring = _score_importance(model, adapter, blocks, ids, batch_size, s)
+    plan = _allocate_bits(model, adapter, blocks, ids, batch_size, scoring, s)
 
-    # ---- bit allocation ---------------------------------------------------------------------
-    linears0 = [adapter.linears(b) for b in blocks]
-    params = [sum(weight_oi(m).numel() for m in lins.values()) for lins in linears0]
-    rank = (side or {}).get("lorc_rank", 0)
-    too_small = [(f"{adapter.block_name(bi)}.{nm}", list(weight_oi(m).shape)) for bi, lins in
-                 enumerate(linears0) for nm, m in lins.items() if rank > min(weight_oi(m).shape)]
-    if too_small:  # refused before any work, not at the first such layer
+    inputs = capture_block_inputs(model, ids, adapter, batch_size, s.device)
+    tally = _Tally()
+    ckpt, start = _open_checkpoints(model, blocks, ids, plan, inputs, tally, s)
+    bar = progress_bar(len(blocks), f"quantising ({s.method})", s.progress, "block")
+    bar.update(start)
+    for bi, block in enumerate(blocks):
+        if bi < start:
+            continue
+        before = (len(tally.layers), tally.original_bytes, tally.quantized_bytes)
+        _quantise_block(block, bi, adapter, inputs, plan, tally, s)
+        if ckpt is not None:
+            ckpt.save_block(bi, block, [asdict(r) for r in tally.layers[before[0]:]],
+                            {"original_bytes": tally.original_bytes - before[1],
+                             "quantized_bytes": tally.quantized_bytes - before[2]},
+                            inputs.hidden if bi + 1 < len(blocks) else None)
+        bar.update()
+        if s.on_block_done is not None:
+            s.on_block_done(bi)
+    bar.close()
+    if ckpt is not None:
+        ckpt.finish()
+    model.train(was_training)
+    return _report(model, adapter, plan, tally, ids, started, s)
+
+
+def _calibrate(adapter: ModelAdapter, s: QuantizeSettings):
+    """Calibration token ids ``[n, seq_len]`` (shape defaults by model kind) and the batch size
+    (about 1024 tokens per batch: few, large ops, short sequences too)."""
+    n_samples, seq_len, align = default_calibration_shape(adapter.kind, s.n_samples, s.seq_len,
+                                                          s.align)
+    ids = calibration_ids(s.calib, s.tokenizer, n_samples, seq_len, s.seed, align)
+    batch_size = s.batch_size if s.batch_size is not None else max(1, 1024 // int(ids.shape[1]))
+    return ids, batch_size
+
+
+def _check_lorc_rank(adapter: ModelAdapter, blocks, rank: int) -> None:
+    """Refuses a LoRC rank too large for some linear before any work, not at that layer."""
+    too_small = [(f"{adapter.block_name(bi)}.{nm}", list(weight_oi(m).shape))
+                 for bi, b in enumerate(blocks) for nm, m in adapter.linears(b).items()
+                 if rank > min(weight_oi(m).shape)]
+    if too_small:
         raise ValueError(f"lorc_rank must be in [0, min(out_features, in_features)] for every "
                          f"linear, got {rank}; {too_small[0][0]} is {too_small[0][1]}")
-    scores, imp, layer_bits = None, None, {}
-    allocation, widths = alloc_args
-    if allocation not in ("order", "knapsack"):
-        raise ValueError(f"allocation must be 'order' or 'knapsack', got {allocation!r}")
-    if allocation == "knapsack":
-        imp = importance
-        if importance == "hessian":  # HAWQ-V3: per-linear average trace x ||W - Q(W)||²
-            traces = hessian_traces(model, ids, adapter, batch_size=batch_size, device=device, seed=seed,
-                                    progress=quality.get("progress"))
-            scores = traces.block
-            names, lparams, errs = hawq_layer_errors(model, traces.linear, adapter, widths or BITS,
-                                                     group_size, axis, symmetric, scale_dtype)
-        else:  # measured RTN output error; the scores are only reported (and plotted)
-            if importance is not None:
-                scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed,
-                                            quality.get("progress"))
-            names, lparams, errs = measure_layer_errors(model, ids, adapter, widths or BITS, group_size,
-                                                        axis, symmetric, scale_dtype, batch_size, device)
-        ks = allocate_knapsack(lparams, errs, float(bits), widths or BITS)
-        layer_bits = dict(zip(names, ks.bits))
+
+
+@dataclass
+class _Scoring:
+    scores: Optional[List[float]] = None
+    importance: Optional[str] = None
+    order: Optional[List[int]] = None  # blocks least important first (order allocation)
+    traces: object = None              # HessianTraces (knapsack with importance="hessian")
+
+
+def _score_importance(model, adapter, blocks, ids, batch_size, s: QuantizeSettings) -> _Scoring:
+    """Block importance where the allocation needs it (or reports it): none for a whole number
+    of bits under ``allocation="order"``; ``block_order`` replaces it when given."""
+    if s.allocation == "knapsack":
+        if s.importance == "hessian":  # HAWQ-V3: per-linear average traces (and block scores)
+            traces = hessian_traces(model, ids, adapter, batch_size=batch_size, device=s.device,
+                                    seed=s.seed, progress=s.progress)
+            return _Scoring(traces.block, s.importance, traces=traces)
+        scores = None
+        if s.importance is not None:  # only reported (and plotted)
+            scores = _importance_scores(s.importance, model, ids, adapter, batch_size, s.device,
+                                        s.seed, s.progress)
+        return _Scoring(scores, s.importance)
+    if _whole_bits(s):
+        return _Scoring()
+    if s.block_order is not None:
+        order = [int(i) for i in s.block_order]
+        if sorted(order) != list(range(len(blocks))):
+            raise ValueError(f"block_order must be a permutation of 0..{len(blocks) - 1}, "
+                             f"got {list(s.block_order)}")
+        return _Scoring(importance="given order", order=order)
+    scores = _importance_scores(s.importance, model, ids, adapter, batch_size, s.device, s.seed,
+                                s.progress)
+    return _Scoring(scores, s.importance, order=importance_order(scores, s.importance))
+
+
+def _whole_bits(s: QuantizeSettings) -> bool:
+    return float(s.bits).is_integer() and s.high_bits is None and s.low_bits is None
+
+
+def _allocate_bits(model, adapter, blocks, ids, batch_size, scoring: _Scoring,
+                   s: QuantizeSettings) -> BitPlan:
+    params = [sum(weight_oi(m).numel() for m in adapter.linears(b).values()) for b in blocks]
+    if s.allocation == "knapsack":
+        if scoring.traces is not None:
+            names, lparams, errs = hawq_layer_errors(model, scoring.traces.linear, adapter,
+                                                     s.widths_or_default, s.group_size, s.axis,
+                                                     s.symmetric, s.scale_dtype)
+        else:  # the measured RTN output error
+            names, lparams, errs = measure_layer_errors(model, ids, adapter, s.widths_or_default,
+                                                        s.group_size, s.axis, s.symmetric,
+                                                        s.scale_dtype, batch_size, s.device)
+        ks = allocate_knapsack(lparams, errs, float(s.bits), s.widths_or_default)
         block_bits = []
         for bi in range(len(blocks)):
             mine = [(b, p) for nm, b, p in zip(names, ks.bits, lparams)
                     if nm.startswith(adapter.block_name(bi) + ".")]
             same = len({b for b, _ in mine}) == 1
             block_bits.append(mine[0][0] if same else sum(b * p for b, p in mine) / sum(p for _, p in mine))
-        demoted, average = [], ks.average
-    elif float(bits).is_integer() and high_bits is None and low_bits is None:
-        block_bits = [int(bits)] * len(blocks)
-        QuantSpec(bits=int(bits))  # validates the width
-        demoted, average = [], float(bits)
+        return BitPlan(block_bits, dict(zip(names, ks.bits)), [], ks.average, params,
+                       scoring.scores, scoring.importance)
+    if _whole_bits(s):
+        QuantSpec(bits=int(s.bits))  # validates the width
+        return BitPlan([int(s.bits)] * len(blocks), {}, [], float(s.bits), params)
+    alloc = allocate_bits(params, scoring.order, float(s.bits), s.high_bits, s.low_bits)
+    return BitPlan(alloc.bits, {}, alloc.demoted, alloc.average, params, scoring.scores,
+                   scoring.importance)
+
+
+def _open_checkpoints(model, blocks, ids, plan: BitPlan, inputs, tally: _Tally,
+                      s: QuantizeSettings):
+    """Per-block checkpoints (flows/checkpoint.py), or ``(None, 0)`` without ``checkpoint_dir``;
+    on resume the finished blocks are restored into ``blocks`` and ``tally``. Returns the
+    checkpoints and the first block still to do."""
+    if s.checkpoint_dir is None:
+        return None, 0
+    from .checkpoint import BlockCheckpoints, model_fingerprint
+    ckpt = BlockCheckpoints(s.checkpoint_dir, s.recorded(), model_fingerprint(model),
+                            _ids_fingerprint(ids), len(blocks), plan.block_bits)
+    start, hidden, done = ckpt.begin(s.resume)
+    for entry in done:
+        ckpt.restore_block(blocks[entry["block"]], entry)
+        tally.layers += [LayerReport(**r) for r in entry["reports"]]
+        tally.original_bytes += entry["extra"]["original_bytes"]
+        tally.quantized_bytes += entry["extra"]["quantized_bytes"]
+    if hidden is not None:
+        inputs.hidden = hidden
+    if s.verbose and start:
+        print(f"  resumed from {s.checkpoint_dir}: blocks 0..{start - 1} restored")
+    return ckpt, start
+
+
+def _quantise_block(block, bi: int, adapter: ModelAdapter, inputs, plan: BitPlan, tally: _Tally,
+                    s: QuantizeSettings) -> None:
+    """One block on its device: AWQ scales (if asked), capture, per linear choose the axis and
+    quantise, pack and swap; then the quantised block's outputs become the next inputs."""
+    home = next(block.parameters()).device
+    dev = torch.device(s.device) if s.device is not None else home
+    block.to(dev)
+    lins = adapter.linears(block)
+    if s.method.startswith("awq") and s.axis != "ic":  # per-IC groups are scale-invariant
+        tally.awq_groups += _awq_block(block, bi, adapter, inputs, dev, s.group_size, s.symmetric,
+                                       s.scale_dtype, plan.block_bits, plan.layer_bits, s.clip)
+    hess, cap = _capture(block, lins, adapter, inputs, dev, s.axis)
+    chosen = {}
+    for name, m in lins.items():
+        report, chosen[name] = _quantise_linear(block, bi, name, m, adapter, hess[name], cap,
+                                                plan, s)
+        tally.layers.append(report)
+        if s.verbose:
+            print(f"  {report.name}: W{report.bits} {report.axis} rel.err {report.rel_error:.4f} "
+                  f"{report.axis_mse if report.axis_mse else ''}")
+    for name, res in chosen.items():
+        orig, quant = _swap(block, name, lins[name], res)
+        tally.original_bytes += orig
+        tally.quantized_bytes += quant
+    del hess, cap
+    inputs.hidden = run_block(block, inputs, dev)
+    block.to(home)
+
+
+def _capture(block, lins, adapter: ModelAdapter, inputs, dev, axis: str):
+    """Runs the full-precision block on its inputs, collecting each linear's input Hessian and,
+    for ``axis="auto"``, the inputs and outputs of the AdaDim measurement modules."""
+    hess = {name: HessianAccumulator(weight_oi(m).shape[1], dev) for name, m in lins.items()}
+    points = sorted({adapter.measure_point(n) for n in lins} - set(lins)) if axis == "auto" else []
+    cap = {p: {"args": [], "kwargs": [], "out": []} for p in points}
+    handles = []
+    for name, m in lins.items():
+        handles.append(m.register_forward_hook(
+            lambda mod, a, out, _n=name: hess[_n].add(a[0])))
+    for p in points:
+        mod = get_submodule(block, p)
+        handles.append(mod.register_forward_pre_hook(
+            lambda mod, a, kw, _p=p: (cap[_p]["args"].append(a), cap[_p]["kwargs"].append(kw), None)[-1],
+            with_kwargs=True))
+        handles.append(mod.register_forward_hook(
+            lambda mod, a, out, _p=p: cap[_p]["out"].append(_first(out).detach())))
+    try:
+        run_block(block, inputs, dev)
+    finally:
+        for h in handles:
+            h.remove()
+    return hess, cap
+
+
+def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, cap,
+                     plan: BitPlan, s: QuantizeSettings):
+    """Quantises one linear: the candidate axes, the one with the lower output error at the
+    adapter's measurement point (AdaDim), then ``method`` on it. Returns its report entry and
+    the chosen result."""
+    W = weight_oi(m).detach().float().clone()
+    n, k = W.shape
+    Hraw = hess.H.float()  # Σ xxᵀ
+    H = hess.hessian()
+    full = f"{adapter.block_name(bi)}.{name}"
+    specs = _candidate_specs(s.axis, plan.width(full, bi), s.group_size, s.symmetric,
+                             s.scale_dtype, n, k)
+    sel = s.method if s.select_with == "applied" else "rtn"
+    results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    point = adapter.measure_point(name)
+    mse = {}
+    if len(results) > 1:
+        mse = _axis_errors(results, W, m, block, name, point, hess, Hraw, cap)
+        best = min(mse, key=lambda a: (mse[a], a != "oc"))
     else:
-        if block_order is not None:
-            order = [int(i) for i in block_order]
-            if sorted(order) != list(range(len(blocks))):
-                raise ValueError(f"block_order must be a permutation of 0..{len(blocks) - 1}, "
-                                 f"got {list(block_order)}")
-            imp = "given order"
-        else:
-            imp = importance
-            scores = _importance_scores(importance, model, ids, adapter, batch_size, device, seed,
-                                            quality.get("progress"))
-            order = importance_order(scores, importance)
-        alloc = allocate_bits(params, order, float(bits), high_bits, low_bits)
-        block_bits, demoted, average = alloc.bits, alloc.demoted, alloc.average
+        best = next(iter(results))
+    res = results[best]
+    if sel != s.method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
+        res = _quantise_side(W, res.spec, s.method, H, s.act_order, s.side, s.clip)
+    num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
+    den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
+    rel = (num / den).item()
+    return LayerReport(full, bi, res.spec.bits, best, s.group_size, s.method, k, n, rel, mse,
+                       point), res
 
-    # ---- block by block -----------------------------------------------------------------------
-    inputs = capture_block_inputs(model, ids, adapter, batch_size, device)
-    layers: List[LayerReport] = []
-    awq_groups: List[dict] = []
-    orig_bytes = quant_bytes = 0
-    side = side or {}
-    checkpoint_dir, resume, on_block_done, run_args = ckpt_args
-    ckpt, start = None, 0
-    if checkpoint_dir is not None:  # per-block checkpoints (flows/checkpoint.py)
-        from .checkpoint import BlockCheckpoints, model_fingerprint, run_arguments
-        ckpt = BlockCheckpoints(checkpoint_dir, run_arguments(run_args or {}), model_fingerprint(model),
-                                _ids_fingerprint(ids), len(blocks), block_bits)
-        start, hidden, done = ckpt.begin(resume)
-        for entry in done:
-            ckpt.restore_block(blocks[entry["block"]], entry)
-            layers += [LayerReport(**r) for r in entry["reports"]]
-            orig_bytes += entry["extra"]["original_bytes"]
-            quant_bytes += entry["extra"]["quantized_bytes"]
-        if hidden is not None:
-            inputs.hidden = hidden
-        if verbose and start:
-            print(f"  resumed from {checkpoint_dir}: blocks 0..{start - 1} restored")
-    bar = progress_bar(len(blocks), f"quantising ({method})", quality.get("progress"), "block")
-    bar.update(start)
-    for bi, block in enumerate(blocks):
-        if bi < start:
+
+def _axis_errors(results: Dict[str, QuantResult], W, m, block, name: str, point: str, hess,
+                 Hraw, cap) -> Dict[str, float]:
+    """{axis: MSE at the measurement point} of each candidate: from the Hessian when the point
+    is the linear itself, else by running the measurement module with the candidate's weight."""
+    n = W.shape[0]
+    mse = {}
+    for a, res in results.items():
+        D = W - res.weight
+        if point == name:
+            mse[a] = (_quad(D, Hraw) / (hess.n * n)).item()
             continue
-        block_layers0, block_bytes0 = len(layers), (orig_bytes, quant_bytes)
-        home = next(block.parameters()).device
-        dev = torch.device(device) if device is not None else home
-        block.to(dev)
-        lins = adapter.linears(block)
-        if method.startswith("awq") and axis != "ic":  # per-IC groups are scale-invariant
-            awq_groups += _awq_block(block, bi, adapter, inputs, dev, group_size, symmetric,
-                                     scale_dtype, block_bits, layer_bits, clip)
-        hess = {name: HessianAccumulator(weight_oi(m).shape[1], dev) for name, m in lins.items()}
-        points = sorted({adapter.measure_point(n) for n in lins} - set(lins)) if axis == "auto" else []
-        cap = {p: {"args": [], "kwargs": [], "out": []} for p in points}
-        handles = []
-        for name, m in lins.items():
-            handles.append(m.register_forward_hook(
-                lambda mod, a, out, _n=name: hess[_n].add(a[0])))
-        for p in points:
-            mod = get_submodule(block, p)
-            handles.append(mod.register_forward_pre_hook(
-                lambda mod, a, kw, _p=p: (cap[_p]["args"].append(a), cap[_p]["kwargs"].append(kw), None)[-1],
-                with_kwargs=True))
-            handles.append(mod.register_forward_hook(
-                lambda mod, a, out, _p=p: cap[_p]["out"].append(_first(out).detach())))
+        mod = get_submodule(block, point)
+        view = weight_oi(m)
+        keep = view.clone()
+        view.copy_(res.weight.to(view.dtype))
         try:
-            run_block(block, inputs, dev)
+            err, cnt = 0.0, 0
+            for a_, kw_, ref in zip(cap[point]["args"], cap[point]["kwargs"], cap[point]["out"]):
+                y = _first(mod(*a_, **kw_))
+                err += (y.float() - ref.float()).pow(2).sum().item()
+                cnt += ref.numel()
+            mse[a] = err / cnt
         finally:
-            for h in handles:
-                h.remove()
+            view.copy_(keep)
+    return mse
 
-        chosen = {}
-        for name, m in lins.items():
-            W = weight_oi(m).detach().float().clone()
-            n, k = W.shape
-            Hraw = hess[name].H.float()  # Σ xxᵀ
-            H = hess[name].hessian()
-            width = layer_bits.get(f"{adapter.block_name(bi)}.{name}", block_bits[bi])
-            specs = _candidate_specs(axis, width, group_size, symmetric, scale_dtype, n, k)
-            sel = method if select_with == "applied" else "rtn"
-            results = {s.axis: _quantise_side(W, s, sel, H, act_order, side, clip) for s in specs}
-            point = adapter.measure_point(name)
-            mse = {}
-            if len(results) > 1:
-                for a, res in results.items():
-                    D = W - res.weight
-                    if point == name:
-                        mse[a] = (_quad(D, Hraw) / (hess[name].n * n)).item()
-                        continue
-                    mod = get_submodule(block, point)
-                    view = weight_oi(m)
-                    keep = view.clone()
-                    view.copy_(res.weight.to(view.dtype))
-                    try:
-                        err, cnt = 0.0, 0
-                        for a_, kw_, ref in zip(cap[point]["args"], cap[point]["kwargs"], cap[point]["out"]):
-                            y = _first(mod(*a_, **kw_))
-                            err += (y.float() - ref.float()).pow(2).sum().item()
-                            cnt += ref.numel()
-                        mse[a] = err / cnt
-                    finally:
-                        view.copy_(keep)
-                best = min(mse, key=lambda a: (mse[a], a != "oc"))
-            else:
-                best = next(iter(results))
-            res = results[best]
-            if sel != method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
-                res = _quantise_side(W, res.spec, method, H, act_order, side, clip)
-            num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
-            den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
-            rel = (num / den).item()
-            full = f"{adapter.block_name(bi)}.{name}"
-            layers.append(LayerReport(full, bi, res.spec.bits, best, group_size, method, k, n, rel,
-                                      mse, point))
-            chosen[name] = res
-            if verbose:
-                print(f"  {full}: W{res.spec.bits} {best} rel.err {rel:.4f} {mse if mse else ''}")
-        for name, res in chosen.items():
-            m = lins[name]
-            bias = None if getattr(m, "bias", None) is None else m.bias.detach()
-            side_paths = getattr(res, "side", None)
-            q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias,
-                                           **(side_paths.kwargs() if side_paths else {}))
-            q._lp_conv1d = is_conv1d(m)  # recorded in the saved config
-            orig_bytes += _bytes(m.weight)
-            quant_bytes += _bytes(res.qweight) + _bytes(res.scales) + _bytes(res.zeros)
-            quant_bytes += side_paths.nbytes() if side_paths else 0
-            _set_module(block, name, q)
-        del hess, cap
-        inputs.hidden = run_block(block, inputs, dev)
-        block.to(home)
-        if ckpt is not None:
-            ckpt.save_block(bi, block, [asdict(r) for r in layers[block_layers0:]],
-                            {"original_bytes": orig_bytes - block_bytes0[0],
-                             "quantized_bytes": quant_bytes - block_bytes0[1]},
-                            inputs.hidden if bi + 1 < len(blocks) else None)
-        bar.update()
-        if on_block_done is not None:
-            on_block_done(bi)
-    bar.close()
-    if ckpt is not None:
-        ckpt.finish()
-    model.train(was_training)
+
+def _swap(block, name: str, m, res: QuantResult):
+    """Packs ``res`` into a ``QuantLinear`` and swaps it in for ``m``; returns (bytes of the
+    float weight replaced, bytes stored for it)."""
+    bias = None if getattr(m, "bias", None) is None else m.bias.detach()
+    side_paths = getattr(res, "side", None)
+    q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias,
+                                   **(side_paths.kwargs() if side_paths else {}))
+    q._lp_conv1d = is_conv1d(m)  # recorded in the saved config
+    quant = _bytes(res.qweight) + _bytes(res.scales) + _bytes(res.zeros)
+    quant += side_paths.nbytes() if side_paths else 0
+    orig = _bytes(m.weight)
+    _set_module(block, name, q)
+    return orig, quant
+
+
+def _report(model, adapter: ModelAdapter, plan: BitPlan, tally: _Tally, ids, started: float,
+            s: QuantizeSettings) -> QuantReport:
     from .report import fill_effective_bits
-    eff = fill_effective_bits(model, layers)
+    eff = fill_effective_bits(model, tally.layers)
     return QuantReport(
-        model_type=adapter.config.model_type, method=method, bits_target=float(bits),
-        group_size=group_size, axis=axis, importance=imp, block_bits=block_bits,
-        block_scores=scores, demoted=demoted, average_bits=average, layers=layers,
-        n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
-        time_s=time.perf_counter() - started, quantized_params=int(sum(params)),
-        original_bytes=orig_bytes, quantized_bytes=quant_bytes, effective_bits=eff,
-        awq_groups=awq_groups,
-        allocation=allocation)
+        model_type=adapter.config.model_type, method=s.method, bits_target=float(s.bits),
+        group_size=s.group_size, axis=s.axis, importance=plan.importance,
+        block_bits=plan.block_bits, block_scores=plan.scores, demoted=plan.demoted,
+        average_bits=plan.average, layers=tally.layers, n_samples=int(ids.shape[0]),
+        seq_len=int(ids.shape[1]), time_s=time.perf_counter() - started,
+        quantized_params=int(sum(plan.params)),
+        original_bytes=tally.original_bytes, quantized_bytes=tally.quantized_bytes,
+        effective_bits=eff, awq_groups=tally.awq_groups, allocation=s.allocation)

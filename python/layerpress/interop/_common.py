@@ -3,7 +3,6 @@ reading a checkpoint directory, building a model with empty weights, atomic writ
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -13,7 +12,7 @@ from torch import nn
 
 from ..nn import QuantLinear
 from ..spec import GROUP_SIZES, SCALE_DTYPES
-from ..flows.io import write_checkpoint  # noqa: F401  (the one atomic writer; used by awq/gptq)
+from ..flows.io import read_json, write_checkpoint  # noqa: F401  (write_checkpoint: used by awq/gptq)
 from ..flows.models import get_submodule, is_conv1d
 
 CONFIG = "config.json"
@@ -113,16 +112,6 @@ def to_fp16_exactly(scales: torch.Tensor, where: str) -> torch.Tensor:
 
 
 # ---- checkpoint directories ---------------------------------------------------------------------
-
-def read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return d
-
 
 def read_config(model_dir: Path) -> dict:
     if not model_dir.is_dir():

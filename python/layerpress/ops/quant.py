@@ -9,11 +9,13 @@ from typing import Optional
 
 import torch
 
-from ._errors import typed_errors
-
-from .spec import Layout, QuantSpec
+from .._errors import typed_errors
+from ..spec import Layout, QuantSpec
 
 _ops = torch.ops.layerpress
+
+__all__ = ["TILE_ROWS", "register_no_gradient", "call_below_autograd_if_no_grad", "quantize",
+           "pack", "unpack", "dequantize", "repack", "unrepack", "gemm", "gemm_t"]
 
 TILE_ROWS = 16  # rows per tile of Layout.CPU_BITPLANE16
 

@@ -1,4 +1,4 @@
-"""Modules that run on the layerpress kernels."""
+"""``QuantLinear``: a linear layer whose weight is stored quantised and runs on ``layerpress::gemm``."""
 from __future__ import annotations
 
 import warnings
@@ -7,8 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops
-from .spec import Layout, QuantSpec
+from .. import ops
+from ..spec import Layout, QuantSpec
+
+__all__ = ["QuantLinear", "quantize_linear", "layout_for", "SIDE_DTYPES"]
 
 _CANONICAL_KEYS = ("qweight", "scales", "zeros")
 #: Optional 16-bit side paths (docs/format.md §8): outliers as a sparse matrix ``S [N, K]`` given by
@@ -467,6 +469,3 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec = QuantSpec()) -> QuantLi
     """Shorthand for :meth:`QuantLinear.from_linear`."""
     return QuantLinear.from_linear(linear, spec)
 
-
-from .norms import FusedLayerNorm, FusedRMSNorm  # noqa: E402,F401  (re-exported: layerpress.nn.*)
-from .wtacrs import WTACRSLinear, WTACRSConv1D, LoRALinear  # noqa: E402,F401  (re-exported: layerpress.nn.*)

@@ -1,0 +1,14 @@
+"""The modules: ``torch.nn`` layers that run on the op faces (:mod:`layerpress.ops`).
+
+- :mod:`layerpress.nn.quant_linear`: :class:`QuantLinear` and :func:`quantize_linear`.
+- :mod:`layerpress.nn.norm`: the fused norms (also importable as ``layerpress.norms``).
+- :mod:`layerpress.nn.wtacrs`: WTA-CRS linears, LoRA and ``apply_wtacrs``/``apply_lora`` (also
+  ``layerpress.wtacrs``); they build on ``QuantLinear``, never the other way round.
+- :mod:`layerpress.nn.linears`: which modules count as a linear (``nn.Linear``, HF ``Conv1D``).
+"""
+from .quant_linear import SIDE_DTYPES, QuantLinear, layout_for, quantize_linear
+from .norm import FusedLayerNorm, FusedRMSNorm
+from .wtacrs import LoRALinear, WTACRSConv1D, WTACRSLinear
+
+__all__ = ["QuantLinear", "quantize_linear", "layout_for", "SIDE_DTYPES", "FusedLayerNorm",
+           "FusedRMSNorm", "WTACRSLinear", "WTACRSConv1D", "LoRALinear"]
