@@ -1,5 +1,5 @@
 // Schemas of the fused norm ops (one per op). Kernels per dispatch key in cpp/ops/norm_cpu_ops.cpp
-// and cuda/ops/norm_cuda_ops.cpp; fakes and autograd in python/layerpress/norm_ops.py.
+// and cuda/ops/norm_cuda_ops.cpp; fakes and autograd in python/layerpress/ops/norm.py.
 // mean/rstd are float32 (float64 for float64 inputs) of shape x.shape[:-1]; the backward ops
 // return empty [0] tensors for gradients that were not asked for.
 #include <torch/csrc/stable/library.h>

@@ -1,7 +1,7 @@
 // One schema per op. Low-bit types travel as plain ints/bools: bits, group_size (-1 = whole
 // row/column), axis (0 = per-OC, 1 = per-IC), layout (0 = canonical, 1 = CPU bit-plane tiles);
 // symmetric quantisation is "zeros is None". Kernels are registered per dispatch key in
-// cpu_ops.cpp and (when built with CUDA) cuda/ops; fakes and autograd in python/layerpress/ops.py.
+// cpu_ops.cpp and (when built with CUDA) cuda/ops; fakes and autograd in python/layerpress/ops/quant.py.
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(layerpress, m) {

@@ -1,5 +1,5 @@
 // Schemas of the WTA-CRS ops (issue 6). Kernels per dispatch key in cpp/ops/wtacrs_cpu_ops.cpp and
-// cuda/ops/wtacrs_cuda_ops.cpp; fakes and the Python wrappers in python/layerpress/wtacrs_ops.py.
+// cuda/ops/wtacrs_cuda_ops.cpp; fakes and the Python wrappers in python/layerpress/ops/wtacrs.py.
 //
 //   wtacrs_row_norms(x [..., D])            -> float32 [M]      (M = tokens = numel / D)
 //   wtacrs_select(norms [M], k, seed)       -> (idx int64 [min(k, M)], scales float32 [min(k, M)])
