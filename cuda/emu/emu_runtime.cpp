@@ -470,14 +470,14 @@ class Pool {
   uint64_t generation_ = 0;
 };
 
-// ---- error state (cudaGetLastError) -----------------------------------------------------------------
-std::mutex g_err_mu;
+// ---- runtime state: the last error (cudaGetLastError) and the kernels' dynamic smem limits -----------
+std::mutex g_state_mu;  // guards the three below
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
 std::map<const void*, size_t> g_dyn_smem_limit;
 
 cudaError_t set_error(cudaError_t e, const std::string& msg) {
-  std::lock_guard<std::mutex> l(g_err_mu);
+  std::lock_guard<std::mutex> l(g_state_mu);
   g_last_error = e;
   g_last_message = msg;
   return e;
@@ -504,7 +504,7 @@ Settings& settings() {
 
 const char* last_error_message() {
   static thread_local std::string copy;
-  std::lock_guard<std::mutex> l(g_err_mu);
+  std::lock_guard<std::mutex> l(g_state_mu);
   copy = g_last_message;
   return copy.c_str();
 }
@@ -523,7 +523,7 @@ cudaError_t launch(const LaunchConfig& cfg, const std::function<void()>& body) {
     return set_error(cudaErrorInvalidConfiguration, "grid exceeds the per-dimension limits" + where);
   size_t smem_limit = kDefaultDynamicSmemLimit;
   {
-    std::lock_guard<std::mutex> l(g_err_mu);
+    std::lock_guard<std::mutex> l(g_state_mu);
     auto it = g_dyn_smem_limit.find(cfg.kernel);
     if (it != g_dyn_smem_limit.end()) smem_limit = it->second;
   }
@@ -566,7 +566,6 @@ const uint3& thread_idx() { return cur().tid; }
 const uint3& block_idx() { return cur_block().bid; }
 const dim3& block_dim() { return cur_block().cfg->block; }
 const dim3& grid_dim() { return cur_block().cfg->grid; }
-unsigned lane_id() { return cur().lane; }
 void* dynamic_smem() {
   Block& b = cur_block();
   if (b.dyn_smem.empty()) return nullptr;
@@ -838,13 +837,13 @@ void cp_async_wait(Site site, int n) {
 using lp_emu::set_error;
 
 cudaError_t cudaGetLastError() {
-  std::lock_guard<std::mutex> l(lp_emu::g_err_mu);
+  std::lock_guard<std::mutex> l(lp_emu::g_state_mu);
   const cudaError_t e = lp_emu::g_last_error;
   lp_emu::g_last_error = cudaSuccess;
   return e;
 }
 cudaError_t cudaPeekAtLastError() {
-  std::lock_guard<std::mutex> l(lp_emu::g_err_mu);
+  std::lock_guard<std::mutex> l(lp_emu::g_state_mu);
   return lp_emu::g_last_error;
 }
 const char* cudaGetErrorName(cudaError_t e) {
@@ -928,7 +927,7 @@ cudaError_t lp_emu_func_set_attribute(const void* kernel, cudaFuncAttribute attr
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;  // carveout: a hint
   if (value < 0 || static_cast<size_t>(value) > lp_emu::kMaxDynamicSmemOptin)
     return set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: dynamic shared memory above the opt-in limit");
-  std::lock_guard<std::mutex> l(lp_emu::g_err_mu);
+  std::lock_guard<std::mutex> l(lp_emu::g_state_mu);
   lp_emu::g_dyn_smem_limit[kernel] = static_cast<size_t>(value);
   return cudaSuccess;
 }

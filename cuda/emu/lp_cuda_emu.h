@@ -111,7 +111,6 @@ const uint3& thread_idx();
 const uint3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
-unsigned lane_id();
 void* dynamic_smem();
 
 // Block barrier. op 0: returns how many threads passed a non-zero predicate (__syncthreads_count);
