@@ -21,6 +21,12 @@ bool has_avx512() {
          __builtin_cpu_supports("fma");
 }
 
+// The bf16 variant also needs VBMI (vpermb, vpermt2b) and GFNI (the bit-plane transpose).
+bool has_avx512bf16() {
+  return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("gfni");
+}
+
 std::atomic<int> g_override{-1};
 
 int best_index() {
@@ -41,6 +47,7 @@ const std::vector<CpuGemmVariant>& cpu_gemm_variants() {
       {"generic", always, gemm_generic, gemm_t_generic},
       {"avx2", has_avx2, gemm_avx2, gemm_t_avx2},
       {"avx512", has_avx512, gemm_avx512, gemm_t_avx512},
+      {"avx512_bf16", has_avx512bf16, gemm_avx512bf16, gemm_t_avx512bf16},
   };
   return v;
 }
@@ -81,7 +88,7 @@ std::vector<std::string> cpu_features() {
   if (__builtin_cpu_supports(x)) f.push_back(x);
   LP_FEATURE("sse4.2") LP_FEATURE("avx") LP_FEATURE("avx2") LP_FEATURE("fma")
   LP_FEATURE("f16c") LP_FEATURE("avx512f") LP_FEATURE("avx512bw") LP_FEATURE("avx512vl")
-  LP_FEATURE("avx512dq") LP_FEATURE("avx512vnni") LP_FEATURE("avx512bf16")
+  LP_FEATURE("avx512dq") LP_FEATURE("avx512vbmi") LP_FEATURE("gfni") LP_FEATURE("avx512vnni") LP_FEATURE("avx512bf16")
   LP_FEATURE("avx512fp16") LP_FEATURE("amx-tile") LP_FEATURE("amx-bf16")
 #undef LP_FEATURE
   return f;

@@ -71,5 +71,7 @@ void gemm_avx2(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx2(const GemmArgs&, const ParallelFor&);
 void gemm_avx512(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx512(const GemmArgs&, const ParallelFor&);
+void gemm_avx512bf16(const GemmArgs&, const ParallelFor&);
+void gemm_t_avx512bf16(const GemmArgs&, const ParallelFor&);
 
 }  // namespace layerpress
