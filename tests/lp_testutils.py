@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import torch
 
@@ -138,6 +139,42 @@ def gemm_tolerance(a: torch.Tensor, mag: torch.Tensor, y_ref: torch.Tensor, out_
     if bias is not None:
         acc = acc + bias.to(torch.float64).abs()
     return C_ACC * U32 * math.sqrt(max(r, 1)) * acc + torch.finfo(out_dtype).eps * y_ref.abs()
+
+
+# The avx512_bf16 CPU variant's forward tile path multiplies bf16-rounded operands (fp32
+# accumulation); M <= 24 // bits stays on the exact table-lookup path
+# (cpp/kernels/gemm_cpu_avx512bf16.cpp, lut_max_m_bf16). Tests reproduce that rounding exactly and
+# keep the fp32-accumulation tolerance above.
+BF16_VARIANT = "avx512_bf16"
+BF16_LUT_ROWS_TIMES_BITS = 24
+
+
+def cpu_gemm_rounds_to_bf16(m: int, adtype: torch.dtype, bits: int) -> bool:
+    """Whether the active CPU GEMM variant computes this forward product (M rows of adtype
+    activations, bits-bit weight) from bf16-rounded operands."""
+    if layerpress.build_info()["cpu_kernels"]["gemm"] != BF16_VARIANT:
+        return False
+    if adtype not in (torch.float32, torch.bfloat16) or bits > 4:
+        return False
+    forced = os.environ.get("LAYERPRESS_LUT_MAX_M")
+    lut_max = int(forced) if forced else BF16_LUT_ROWS_TIMES_BITS // bits
+    return m > lut_max
+
+
+def bf16_operands(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec):
+    """(x, W) as the bf16 tile path uses them, in float64: activations rounded to bf16 (RNE);
+    per-IC weights rounded to bf16 from their fp32 value (q - z)·s, per-OC weights exact (the
+    scales are applied to the fp32 group sums)."""
+    xk = x.to(torch.bfloat16).to(torch.float64)
+    wk = w.to(torch.float32).to(torch.bfloat16).to(torch.float64) if spec.axis == "ic" else w.to(torch.float64)
+    return xk, wk
+
+
+def cpu_gemm_operands(x2: torch.Tensor, w: torch.Tensor, spec: QuantSpec):
+    """(x, W) in float64 as the active CPU variant multiplies them for x2 [M, K] (see above)."""
+    if cpu_gemm_rounds_to_bf16(x2.shape[0], x2.dtype, spec.bits):
+        return bf16_operands(x2, w, spec)
+    return x2.to(torch.float64), w.to(torch.float64)
 
 
 def assert_within(y: torch.Tensor, y_ref: torch.Tensor, tol: torch.Tensor, what: str = ""):

@@ -338,14 +338,15 @@ void gemm_bf16_tile_path(const GemmArgs& a, const ParallelFor& pf) {
   pf(panels, 1, [&](int64_t b0, int64_t b1) {
     Aligned Pb(kPanelDepth / 2 * kPanelCols * 4), C(M * kPanelCols * 4);
     // Per-OC groups longer than a panel's depth accumulate their raw sums here first.
-    Aligned Craw(per_oc && p.group > kPanelDepth ? M * kPanelCols * 4 : 0);
+    const bool long_groups = per_oc && p.group > kPanelDepth;
+    Aligned Craw(long_groups ? M * kPanelCols * 4 : 0);
     Aligned tables(per_oc ? 0 : 2 * (kPanelDepth / 2) * 64);  // at most 2 groups per panel
     alignas(64) float s[kPanelCols], z[kPanelCols];
     float* Cp = C.as<float>();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kPanelCols;
       std::memset(Cp, 0, static_cast<size_t>(M * kPanelCols) * 4);
-      if (Craw.ptr && p.group > kPanelDepth) std::memset(Craw.ptr, 0, static_cast<size_t>(M * kPanelCols) * 4);
+      if (long_groups) std::memset(Craw.ptr, 0, static_cast<size_t>(M * kPanelCols) * 4);
       for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
         const int64_t k1 = std::min(K, k0 + kPanelDepth);
         const __m512i* tab[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -391,7 +392,7 @@ void gemm_bf16_tile_path(const GemmArgs& a, const ParallelFor& pf) {
           }
           const uint32_t* P0 = Pb.as<uint32_t>() + (ks - k0) / 2 * kPanelCols;
           const float* xsg = xs.as<float>() + g;
-          if (p.group <= kPanelDepth) {
+          if (!long_groups) {
             for (int64_t m = 0; m < M; m += kMR)
               microkernel_rows<true>(a_block(m, ks), std::min(kMR, M - m), P0,
                                      (ke - ks) / 2, Cp + m * kPanelCols, s, z, xsg + m * G, G);
