@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 
@@ -142,23 +141,16 @@ def gemm_tolerance(a: torch.Tensor, mag: torch.Tensor, y_ref: torch.Tensor, out_
 
 
 # The avx512_bf16 CPU variant's forward tile path multiplies bf16-rounded operands (fp32
-# accumulation); M <= 24 // bits stays on the exact table-lookup path
-# (cpp/kernels/gemm_cpu_avx512bf16.cpp, lut_max_m_bf16). Tests reproduce that rounding exactly and
-# keep the fp32-accumulation tolerance above.
-BF16_VARIANT = "avx512_bf16"
-BF16_LUT_ROWS_TIMES_BITS = 24
-
-
+# accumulation); smaller M stays on the exact table-lookup path. build_info() says from which M
+# ("cpu_gemm_bf16_min_m", per bit width, for the active variant). Tests reproduce that rounding
+# exactly and keep the fp32-accumulation tolerance above.
 def cpu_gemm_rounds_to_bf16(m: int, adtype: torch.dtype, bits: int) -> bool:
     """Whether the active CPU GEMM variant computes this forward product (M rows of adtype
     activations, bits-bit weight) from bf16-rounded operands."""
-    if layerpress.build_info()["cpu_kernels"]["gemm"] != BF16_VARIANT:
+    if adtype not in (torch.float32, torch.bfloat16):
         return False
-    if adtype not in (torch.float32, torch.bfloat16) or bits > 4:
-        return False
-    forced = os.environ.get("LAYERPRESS_LUT_MAX_M")
-    lut_max = int(forced) if forced else BF16_LUT_ROWS_TIMES_BITS // bits
-    return m > lut_max
+    min_m = layerpress.build_info()["cpu_gemm_bf16_min_m"].get(str(bits))
+    return min_m is not None and m >= min_m
 
 
 def bf16_operands(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec):

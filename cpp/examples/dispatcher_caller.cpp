@@ -76,6 +76,19 @@ Tensor dequantize_reference(const Tensor& codes, const Tensor& scales, const Ten
   return (codes.to(at::kDouble) - z) * s;
 }
 
+// build_info's "cpu_gemm_bf16_min_m"[bits]: from this M on, the active CPU variant multiplies
+// bf16-rounded operands (activations; per-IC weights); -1 when it never does.
+int64_t bf16_min_m(int64_t bits) {
+  const auto info_op = c10::Dispatcher::singleton().findSchemaOrThrow("layerpress::build_info", "").typed<std::string()>();
+  const std::string info = info_op.call();
+  const size_t at = info.find("\"cpu_gemm_bf16_min_m\": {");
+  if (at == std::string::npos) return -1;
+  const std::string body = info.substr(at, info.find('}', at) - at);
+  const std::string key = "\"" + std::to_string(bits) + "\": ";
+  const size_t k = body.find(key);
+  return k == std::string::npos ? -1 : std::atoll(body.c_str() + k + key.size());
+}
+
 std::vector<int64_t> parse_list(const char* text) {
   std::vector<int64_t> out;
   std::stringstream ss(text);
@@ -106,8 +119,14 @@ int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
       std::tie(q1, s1, z1) = repack.call(qweight, scales, zeros, bits, group, axis, kCpuBitplaneLayout);
       const Tensor y = gemm.call(x, q1, s1, z1, bias, bits, group, axis, kCpuBitplaneLayout, N);
 
-      const Tensor w_ref = dequantize_reference(codes, scales, zeros, group, axis);
-      const Tensor y_ref = at::matmul(x.to(at::kDouble), w_ref.t()) + bias.to(at::kDouble);
+      Tensor w_ref = dequantize_reference(codes, scales, zeros, group, axis);
+      Tensor x_ref = x.to(at::kDouble);
+      const int64_t min_m = bf16_min_m(bits);
+      if (min_m >= 0 && M >= min_m) {  // the operands the bf16 tile path multiplies
+        x_ref = x.to(at::kBFloat16).to(at::kDouble);
+        if (axis == 1) w_ref = w_ref.to(at::kFloat).to(at::kBFloat16).to(at::kDouble);
+      }
+      const Tensor y_ref = at::matmul(x_ref, w_ref.t()) + bias.to(at::kDouble);
       const double err = (y.to(at::kDouble) - y_ref).abs().max().item<double>();
       const double scale = y_ref.abs().max().item<double>();
       // The kernel accumulates in fp32 (order differs from the reference): about 1e-6 relative to

@@ -73,6 +73,20 @@ bool cpu_gemm_select(const std::string& name) {
   return false;
 }
 
+// Baseline code on purpose (the avx512_bf16 translation unit and build_info both ask): small M
+// stays on the exact table-lookup path, whose work grows with M·bits, while the bf16 tile path
+// pays its decode once. Crossover measured on a 2-core Zen 4 (K = 4096, N = 4096 and 11008, one
+// thread): 8 rows at 2 bits, 2 at 3 and 4 bits.
+int64_t bf16_variant_lut_max_m(int bits) {
+  const int64_t forced = lut_max_m_override();
+  return forced >= 0 ? forced : bits == 2 ? 8 : 2;
+}
+
+int64_t cpu_gemm_bf16_min_m(int bits) {
+  if (std::string(cpu_gemm_active().name) != "avx512_bf16" || bits > 4) return -1;
+  return bf16_variant_lut_max_m(bits) + 1;
+}
+
 int64_t lut_max_m_override() {
   static const int64_t v = [] {
     const char* e = std::getenv("LAYERPRESS_LUT_MAX_M");

@@ -43,14 +43,6 @@ constexpr int64_t kMR = 6;            // activation rows per micro-kernel call
 constexpr int64_t kPanelCols = 64;    // output columns per panel (4 tiles of 16)
 constexpr int64_t kPanelDepth = 128;  // reduction depth per decoded panel (multiple of 32)
 
-// Small M stays on the exact AVX-512 table-lookup path up to this many rows (work grows with
-// M·bits there, while the bf16 tile path pays its decode once). Measured crossover on a 2-core
-// Zen 4 (K = N = 4096): see docs/kernels.md. LAYERPRESS_LUT_MAX_M overrides it.
-int64_t lut_max_m_bf16(int bits) {
-  const int64_t forced = lut_max_m_override();
-  return forced >= 0 ? forced : 24 / bits;
-}
-
 struct Aligned {  // malloc-based, like the tile path's AlignedBuffer
   void* ptr = nullptr;
   explicit Aligned(int64_t bytes) {
@@ -426,7 +418,7 @@ void gemm_bf16_tile_path(const GemmArgs& a, const ParallelFor& pf) {
 // fp16 activations (rounding them to bf16 would lose 3 bits the caller asked for), 8-bit weights
 // (256 codes exceed one vpermw table) and the transposed product (the input gradient).
 void gemm_avx512bf16(const GemmArgs& a, const ParallelFor& pf) {
-  if (a.act_type == FloatType::kF16 || a.p.bits > 4 || a.M <= lut_max_m_bf16(a.p.bits)) {
+  if (a.act_type == FloatType::kF16 || a.p.bits > 4 || a.M <= bf16_variant_lut_max_m(a.p.bits)) {
     gemm_avx512(a, pf);
     return;
   }

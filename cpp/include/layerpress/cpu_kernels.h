@@ -62,7 +62,12 @@ bool cpu_gemm_select(const std::string& name);  // "" resets to automatic; false
 std::vector<std::string> cpu_features();
 // LAYERPRESS_LUT_MAX_M, read once: forces the largest M of the table-lookup path (tests run both
 // GEMM paths at every M with it); -1 when unset.
-int64_t lut_max_m_override();        // what this CPU offers, for build_info
+int64_t lut_max_m_override();
+// avx512_bf16: the largest M that stays on the exact table-lookup path (override included).
+int64_t bf16_variant_lut_max_m(int bits);
+// The smallest M whose forward product (fp32/bf16 activations) the active variant computes from
+// bf16-rounded operands, or -1 when it never does for this bit width.
+int64_t cpu_gemm_bf16_min_m(int bits);
 
 // Variants (defined in their own translation units, each compiled for its ISA).
 void gemm_generic(const GemmArgs&, const ParallelFor&);
