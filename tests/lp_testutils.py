@@ -5,6 +5,7 @@ Everything here is plain PyTorch and independent of the extension's kernels, exc
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -144,6 +145,9 @@ def gemm_tolerance(a: torch.Tensor, mag: torch.Tensor, y_ref: torch.Tensor, out_
 # accumulation); smaller M stays on the exact table-lookup path. build_info() says from which M
 # ("cpu_gemm_bf16_min_m", per bit width, for the active variant). Tests reproduce that rounding
 # exactly and keep the fp32-accumulation tolerance above.
+BF16_VARIANT = "avx512_bf16"
+
+
 def cpu_gemm_rounds_to_bf16(m: int, adtype: torch.dtype, bits: int) -> bool:
     """Whether the active CPU GEMM variant computes this forward product (M rows of adtype
     activations, bits-bit weight) from bf16-rounded operands."""
@@ -151,6 +155,18 @@ def cpu_gemm_rounds_to_bf16(m: int, adtype: torch.dtype, bits: int) -> bool:
         return False
     min_m = layerpress.build_info()["cpu_gemm_bf16_min_m"].get(str(bits))
     return min_m is not None and m >= min_m
+
+
+@contextlib.contextmanager
+def exact_cpu_gemm():
+    """Runs the block on the best CPU GEMM variant that multiplies unrounded operands (for
+    comparisons with other devices' kernels), then restores the automatic choice."""
+    exact = [v for v in supported_variants() if v != BF16_VARIANT]
+    layerpress.set_cpu_gemm_variant(exact[-1])
+    try:
+        yield exact[-1]
+    finally:
+        layerpress.set_cpu_gemm_variant("")
 
 
 def bf16_operands(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec):
