@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.utils.match import is_match
 from torch import nn
 
 from layerpress import QuantLinear, QuantSpec
@@ -30,12 +34,6 @@ from export_testutils import MIXED, quantise_linears, tiny_bpe_tokenizer, tiny_d
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-ct = pytest.importorskip("compressed_tensors")
-gguf = pytest.importorskip("gguf")
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,  # noqa: E402
-                                             QuantizationScheme)
-from compressed_tensors.utils.match import is_match  # noqa: E402
 
 
 def layer(spec, n=40, k=128, seed=0, bias=True):
