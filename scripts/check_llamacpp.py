@@ -99,7 +99,6 @@ def run_case(name: str, family: str, specs, tok, threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     import llama_cpp
@@ -111,10 +110,6 @@ def main(argv=None) -> int:
         lines.append(run_case(name, family, specs, tok, args.threads))
     for line in lines:
         print(json.dumps(line))
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
     return 0 if all(line.get("ok", True) for line in lines) else 1
 
 

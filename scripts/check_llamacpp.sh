@@ -4,9 +4,9 @@
 # minutes on 2 cores -- then runs scripts/check_llamacpp.py: a synthetic Llama, quantised with
 # layerpress, exported to GGUF, must give llama.cpp the same next-token logits as transformers
 # computes on our dequantised weights, within the stated tolerance. Prints one JSON line per
-# case; `--out FILE` appends them to FILE (commit it under bench/results/).
+# case (commit them under bench/results/); exits 1 if a case is off.
 #
-#   PYTHON=/path/to/venv/bin/python bash scripts/check_llamacpp.sh [--out FILE]
+#   PYTHON=/path/to/venv/bin/python bash scripts/check_llamacpp.sh [--threads 2] | tee -a FILE
 set -euo pipefail
 LP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${LP_PYTHON:-${PYTHON:-$(command -v python || command -v python3)}}"

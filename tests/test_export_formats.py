@@ -216,13 +216,16 @@ def test_ct_refuses_what_it_cannot_hold_and_requantizes_on_request(tmp_path):
                      lorc_b=torch.randn(128, 4, dtype=torch.float16) * 0.01)
     perm = torch.randperm(128)
     model.model.layers[0].mlp.up_proj.set_in_perm(perm)
-    with pytest.raises(ValueError, match=r"k_proj: per-input-channel.*o_proj: a 16-bit side path"):
+    # a rotated layer, as issue 22's layers mark it (an attribute check: works before and after)
+    attn.v_proj.rot_signs = torch.ones(128)
+    with pytest.raises(ValueError, match=r"k_proj: per-input-channel.*v_proj: a rotation.*"
+                                         r"o_proj: a 16-bit side path"):
         export_compressed_tensors(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     report = export_compressed_tensors(model, tmp_path / "a", requantize=True)
     req = report["requantized"]
     assert set(req) == {"model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
-                        "model.layers.0.mlp.up_proj"}
+                        "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.v_proj"}
     assert "per-input-channel" in req["model.layers.0.self_attn.k_proj"]["reason"]
     dec, _ = package_decompress_all(tmp_path / "a", tiny_decoder("llama", layers=1))
     layers = model_layers(model)

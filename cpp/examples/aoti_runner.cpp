@@ -32,15 +32,9 @@
 #include <string>
 #include <vector>
 
-namespace {
+#include "example_util.h"
 
-std::string default_library() {  // <site-packages>/layerpress/bin/aoti_runner -> ../_C.abi3.so
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return "_C.abi3.so";
-  std::string exe(buf, static_cast<size_t>(n));
-  return exe.substr(0, exe.find_last_of('/')) + "/../_C.abi3.so";
-}
+namespace {
 
 // Reads an LPT1 raw tensor; returns an undefined tensor and sets err on failure.
 at::Tensor read_raw(const std::string& path, std::string& err) {
@@ -71,14 +65,6 @@ at::Tensor read_raw(const std::string& path, std::string& err) {
   return t;
 }
 
-std::vector<int64_t> parse_list(const char* text) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::atoll(item.c_str()));
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -94,7 +80,7 @@ int main(int argc, char** argv) {
     else if (a == "--input" && has) input_path = argv[++i];
     else if (a == "--reference" && has) reference_path = argv[++i];
     else if (a == "--rtol" && has) rtol = std::atof(argv[++i]);
-    else if (a == "--bench-M" && has) bench_m = parse_list(argv[++i]);
+    else if (a == "--bench-M" && has) bench_m = lp_example::parse_list(argv[++i]);
     else if (a == "--repeats" && has) repeats = std::max(1, std::atoi(argv[++i]));
     else if (a == "--threads" && has) threads = std::max(1, std::atoi(argv[++i]));
     else {
@@ -108,7 +94,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   at::set_num_threads(threads);
-  if (library.empty()) library = default_library();
+  if (library.empty()) library = lp_example::default_library();
   if (dlopen(library.c_str(), RTLD_LAZY | RTLD_GLOBAL) == nullptr) {
     std::fprintf(stderr, "aoti_runner: cannot load the layerpress op library %s: %s\n", library.c_str(),
                  dlerror());

@@ -389,7 +389,7 @@ def float_tensors(model: nn.Module, layers: Iterable[str]) -> Dict[str, torch.Te
 
     prefixes = tuple(f"{n}." for n in layers)
     weight_keys = ("qweight", "scales", "zeros", "in_perm", "outlier_idx", "outlier_val", "lorc_a",
-                   "lorc_b")
+                   "lorc_b", "rot_signs")
     sd = {k: v for k, v in model.state_dict().items()
           if not (k.startswith(prefixes) and k.rpartition(".")[2] in weight_keys)}
     out, aliases = _dedupe(sd)
@@ -416,8 +416,9 @@ def unrepresentable(m: QuantLinear) -> list:
     why = []
     if m.spec.axis != "oc":
         why.append("per-input-channel groups (axis='ic'; these formats group along K)")
-    # rotations (a QuantSpec field once they exist): checked defensively, by attribute
-    if getattr(m.spec, "rotation", None) is not None or getattr(m, "rotation", None) is not None:
+    # rotations (QuantSpec.rotation "none"/"hadamard" and the layer's rot_signs, once they
+    # exist): checked by attribute, so this works with and without them
+    if getattr(m.spec, "rotation", None) not in (None, "none") or getattr(m, "rot_signs", None) is not None:
         why.append("a rotation")
     for side in ("outlier_idx", "lorc_a"):
         if getattr(m, side, None) is not None:
@@ -434,9 +435,10 @@ def weight_error(approx: torch.Tensor, exact: torch.Tensor) -> dict:
 
 
 def requantize_layer(m: QuantLinear, spec: QuantSpec) -> tuple:
-    """``(new layer, error)``: the layer's effective weight (dequantised codes plus any side
-    paths, input channels in the input's order) quantised again, round-to-nearest, with
-    ``spec``; ``error`` compares the new weight with that effective weight."""
+    """``(new layer, error)``: the layer's effective weight (what it multiplies its input by:
+    dequantised codes plus any side paths, any rotation undone, input channels in the input's
+    order) quantised again, round-to-nearest, with ``spec``; ``error`` compares the new weight
+    with that effective weight."""
     from ..nn import quantize_linear
 
     w = m.effective_weight(torch.float32)
@@ -462,9 +464,4 @@ def refuse_unrepresentable(layers: Dict[str, QuantLinear], fmt: str, requantize:
                          f"{listing}{more}. Pass requantize=True (CLI: --requantize) to convert them "
                          "to the format's per-output-channel groups; the added error is reported "
                          "per layer")
-    rotated = [name for name, why in bad.items() if "a rotation" in why]
-    if rotated:
-        raise ValueError(f"export_{fmt}: layers {rotated[:8]} are rotated; requantising them would "
-                         "need the inverse rotation folded into the weight, which is not supported "
-                         "yet: export the model before rotating it")
     return bad

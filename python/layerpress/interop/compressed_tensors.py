@@ -279,8 +279,7 @@ def export_compressed_tensors(model: nn.Module, path: Union[str, Path], requanti
     exports as it is (groups target their layers by exact name; a single group targets
     ``"Linear"``). Unquantised linears go in ``ignore``. Per-IC layers, 16-bit side paths and
     input permutations have no counterpart: refused (naming the layers) unless ``requantize``,
-    which quantises their effective weight again per output channel (same bits, RTN). Rotated
-    layers are refused. Returns ``{"path", "groups", "requantized": {layer: {reason, max_abs_error,
+    which quantises their effective weight again per output channel (same bits, RTN). Returns ``{"path", "groups", "requantized": {layer: {reason, max_abs_error,
     rel_error}}}``."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:

@@ -19,7 +19,7 @@ rounded to fp16, and the error reported). 2- and 3-bit layers therefore take 4.5
 weight in the file. Asymmetric 8-bit layers, layers with an input permutation, and any layer
 when ``ggml_type`` asks for another type are requantised from our weights with the ``gguf``
 package's quantiser. Per-IC layers, side paths and rotations are refused unless
-``requantize``. Every quantised tensor's error against our weight is reported.
+``requantize`` (which then quantises their effective weight). Every quantised tensor's error against our weight is reported.
 """
 from __future__ import annotations
 
