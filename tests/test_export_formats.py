@@ -26,7 +26,7 @@ from torch import nn
 from layerpress import QuantLinear, QuantSpec
 from layerpress.interop import (export_compressed_tensors, export_gguf, load_checkpoint,
                                 load_compressed_tensors)
-from layerpress.interop.compressed_tensors import (compressed_tensors_to_quantlinear,
+from layerpress.interop.compressed_tensors import (_pack_along_n, compressed_tensors_to_quantlinear,
                                                    quantlinear_to_compressed_tensors)
 from layerpress.interop.gguf import quantlinear_to_gguf
 
@@ -428,3 +428,32 @@ def test_cli_export_formats(tmp_path, capsys):
     assert "model.layers.0.mlp.up_proj: per-input-channel" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "lp2"), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_ct_import_reads_activation_order_g_idx():
+    """``weight_g_idx`` (older llm-compressor act-order checkpoints; 0.20 no longer writes it):
+    w[n, k] = (q[n, k] − z[n, g_idx[k]])·s[n, g_idx[k]], checked in float64 from the raw codes."""
+    from layerpress import ops
+
+    torch.manual_seed(5)
+    n, k, g, bits = 32, 128, 32, 4
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // g) + 0.5).half()
+    zeros = torch.randint(0, 16, (n, k // g))
+    g_idx = (torch.arange(k) // g)[torch.randperm(k)].to(torch.int32)
+    t = {"weight_packed": ops.pack(codes, bits), "weight_scale": scales,
+         "weight_zero_point": _pack_along_n(zeros, bits)}
+    m = compressed_tensors_to_quantlinear(t["weight_packed"], t["weight_scale"],
+                                          {"num_bits": bits, "strategy": "group", "group_size": g,
+                                           "symmetric": False}, torch.tensor([n, k]),
+                                          t["weight_zero_point"], g_idx)
+    gi = g_idx.long()
+    ref = (codes.double() - zeros[:, gi].double()) * scales[:, gi].double()
+    assert m.in_perm is not None
+    assert torch.equal(m.dequantized_weight(torch.float64), ref)
+    bad = g_idx.clone()
+    bad[0] = (bad[0] + 1) % (k // g)
+    with pytest.raises(ValueError, match="group .* has 3[13] input channels"):
+        compressed_tensors_to_quantlinear(t["weight_packed"], t["weight_scale"],
+                                          {"num_bits": bits, "strategy": "group", "group_size": g,
+                                           "symmetric": False}, None, t["weight_zero_point"], bad)

@@ -228,10 +228,11 @@ def load_compressed_tensors(model_dir: Union[str, Path], model: Optional[nn.Modu
     model_dir = Path(model_dir)
     q, where = C.checkpoint_config(model_dir, QUANT_METHOD)
     _check_config(q, where)
-    box = {}
+    if model is None:
+        model = C.build_model(C.read_config(model_dir), model_dir)
 
     def layer(name, tensors, k, n):
-        m = C.get_submodule(box["model"], name) if "model" in box else None
+        m = C.get_submodule(model, name)
         found = scheme_for(name, m, q)
         if found is None:
             raise ValueError(f"{where}: {name}.weight_packed is stored, but no config group targets "
@@ -250,9 +251,6 @@ def load_compressed_tensors(model_dir: Union[str, Path], model: Optional[nn.Modu
                              f"{ql.in_features}], but the model's layer is [out {n}, in {k}]")
         return ql, [key for key in keys if key in tensors]
 
-    if model is None:
-        model = C.build_model(C.read_config(model_dir), model_dir)
-    box["model"] = model
     return C.import_model(model_dir, model, dtype, layer, marker=".weight_packed",
                           fmt="compressed-tensors")
 
