@@ -1,17 +1,19 @@
 """llama.cpp (through llama-cpp-python) against transformers on our GGUF exports; run by
 scripts/check_llamacpp.sh, not in CI.
 
-For each case a synthetic model (tests/export_testutils.py: Llama, Qwen2 or Mistral, random
-weights with initializer_range 0.1 so the logits are not all tiny) has its linears quantised
+For each case a synthetic model (tests/export_testutils.py: Llama, Qwen2 or Mistral, hidden 256,
+2 layers, random weights scaled x2 so the logits are not all tiny) has its linears quantised
 with layerpress RTN, is exported with export_gguf (unquantised tensors as F32), and is run by
 llama.cpp on a fixed token sequence; its logits at every position are compared with the
 transformers model whose linears carry our dequantised weights (dense fp32 nn.Linear).
 
 Tolerance: llama.cpp's CPU kernels quantise the activations to 8 bits (Q8_0/Q8_1 blocks) for
-dot products with Q4_0/Q4_1/Q8_0 weights, and Q4_1 rounds its offsets to fp16, so the logits
-differ by a few 0.1 % of their range even when the weights are read exactly; a wrong tensor name,
-row order or nibble order gives errors of order 100 %. Pass: max |Δ| <= 3 % of max |logit|
-at every position and the same arg-max at >= 90 % of positions.
+dot products with Q4_0/Q4_1/Q8_0 weights, so its logits differ from an fp32 forward even when
+the weights are read exactly: the first run (2026-12-04) measured 1-2 % of max |logit| already
+at position 0 for exact Q8_0 weights (no RoPE there), growing with the weights' scale (x5: up to
+6 %). A wrong tensor name, row order (the q/k permutation), nibble order or scale gives
+uncorrelated logits. Pass: at every position max |Δ| <= 5 % of max |logit|, correlation of all
+logits >= 0.999, the same arg-max at >= 90 % of positions.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from export_testutils import MIXED, quantise_linears, tiny_bpe_tokenizer, tiny_d
 from layerpress import QuantLinear, QuantSpec  # noqa: E402
 from layerpress.interop import export_gguf  # noqa: E402
 
-RTOL, ARGMAX = 0.03, 0.9
+RTOL, CORR, ARGMAX = 0.05, 0.999, 0.9
 CASES = {
     "llama-w4g32-asym": ("llama", [QuantSpec(4, 32)]),
     "llama-w4g32-sym": ("llama", [QuantSpec(4, 32, symmetric=True)]),
@@ -67,7 +69,7 @@ def run_case(name: str, family: str, specs, tok, threads: int) -> dict:
     with torch.no_grad():  # larger weights than the default init, so the logits have a range
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(5.0)
+                p.mul_(2.0)
     quantise_linears(model, specs)
     ids = tok("the quick brown fox jumps over the lazy dog and layerpress exports it")["input_ids"]
     with torch.no_grad():
@@ -85,6 +87,7 @@ def run_case(name: str, family: str, specs, tok, threads: int) -> dict:
     scale = np.abs(ref).max(axis=1)
     rel = (diff.max(axis=1) / scale)
     agree = float(np.mean(got.argmax(1) == ref.argmax(1)))
+    corr = float(np.corrcoef(got.ravel(), ref.ravel())[0, 1])
     import collections
 
     return {"kind": "llamacpp_check", "case": name, "family": family, "tokens": len(ids),
@@ -93,8 +96,9 @@ def run_case(name: str, family: str, specs, tok, threads: int) -> dict:
             "max_weight_rel_error": max(t["rel_error"] for t in report["tensors"]),
             "max_abs_logit": float(np.abs(ref).max()), "max_abs_diff": float(diff.max()),
             "max_rel_diff_per_position": float(rel.max()), "mean_rel_diff": float(rel.mean()),
+            "rel_diff_position0": float(rel[0]), "correlation": corr,
             "argmax_agreement": agree, "rtol": RTOL,
-            "ok": bool(rel.max() <= RTOL and agree >= ARGMAX)}
+            "ok": bool(rel.max() <= RTOL and corr >= CORR and agree >= ARGMAX)}
 
 
 def main(argv=None) -> int:
