@@ -32,6 +32,8 @@
 #include <tuple>
 #include <vector>
 
+#include "example_util.h"
+
 namespace {
 
 using at::Tensor;
@@ -89,14 +91,6 @@ int64_t bf16_min_m(int64_t bits) {
   return k == std::string::npos ? -1 : std::atoll(body.c_str() + k + key.size());
 }
 
-std::vector<int64_t> parse_list(const char* text) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::atoll(item.c_str()));
-  return out;
-}
-
 // Runs every case; returns how many differ from the reference.
 int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
   const int64_t N = 96, K = 256, group = 32;
@@ -145,16 +139,6 @@ int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
 
 }  // namespace
 
-// <dir of this executable>/../_C.abi3.so: the installed layout (layerpress/bin/dispatcher_caller).
-std::string default_library() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return "_C.abi3.so";
-  std::string exe(buf, static_cast<size_t>(n));
-  const std::string dir = exe.substr(0, exe.find_last_of('/'));
-  return dir + "/../_C.abi3.so";
-}
-
 int main(int argc, char** argv) {
   std::vector<int64_t> bits_list = {2, 3, 4, 8};
   std::string library;
@@ -167,7 +151,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (a == "--library") library = argv[i + 1];
-    else if (a == "--bits") bits_list = parse_list(argv[i + 1]);
+    else if (a == "--bits") bits_list = lp_example::parse_list(argv[i + 1]);
     else if (a == "--M") M = std::atoll(argv[i + 1]);
     else if (a == "--threads") threads = std::atoi(argv[i + 1]);
     else {
@@ -175,7 +159,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (library.empty()) library = default_library();
+  if (library.empty()) library = lp_example::default_library();
   if (dlopen(library.c_str(), RTLD_LAZY | RTLD_GLOBAL) == nullptr) {
     std::fprintf(stderr, "dispatcher_caller: cannot load the layerpress op library %s: %s\n", library.c_str(),
                  dlerror());
