@@ -139,7 +139,7 @@ def test_ct_mixed_precision_model_export(tmp_path, family):
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, symmetric=True), QuantSpec(4, 64)],
                          ids=["w4g32sym", "w4g64asym"])
-def test_ct_loads_in_transformers(tmp_path, spec):
+def test_ct_loads_in_transformers(exact_cpu_gemm_variant, tmp_path, spec):
     """The transformers compressed-tensors quantiser (decompressing on load) reads our export."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
