@@ -7,8 +7,8 @@ own CUDA baselines, side by side in one run (SPEC.md §3).
 
 Suites (``--suite gemm,norms,wtacrs``, default all three):
 
-- **gemm**: ``torch.ops.layerpress.gemm`` on the canonical layout (the layout the CUDA kernel
-  reads), fp16 and bf16 activations, asymmetric RTN group 128, W4 per-OC and per-IC (plus W2/W3/W8
+- **gemm**: ``torch.ops.layerpress.gemm`` on ``Layout.CUDA_MMA`` (the tensor-core kernel's layout,
+  what ``QuantLinear`` uses on CUDA; ``--layout canonical`` times the simple kernel instead), fp16 and bf16 activations, asymmetric RTN group 128, W4 per-OC and per-IC (plus W2/W3/W8
   per-OC in the full run), against ``F.linear`` fp16/bf16 (cuBLAS) and
   ``torch.ops.aten._weight_int4pack_mm`` (tinygemm, bf16 activations, W4 g128 with the same codes).
   Every case checks the layerpress result against the float64 dequantise-then-matmul reference
@@ -296,6 +296,7 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
     dense: Dict[tuple, list] = {}      # (K, N, dtype) -> GPU weight copies
     i4: Dict[tuple, list] = {}
     baseline_done = set()
+    layout = Layout.CUDA_MMA if args.layout == "cuda_mma" else Layout.CANONICAL
 
     def get_weight(k, n, bits, axis):
         key = (k, n, bits, axis)
@@ -309,6 +310,8 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
             q = ops.pack(codes, bits)
             w_ref = ops.dequantize(q, s, z, spec, torch.float32).cuda().double()  # CPU op: verified
             dev = (q.cuda(), s.cuda(), z.cuda())
+            if args.layout == "cuda_mma":
+                dev = ops.repack(*dev, spec, Layout.CUDA_MMA)
             nb = _nbytes(*dev)
             copies = [dev] + [tuple(t.clone() for t in dev) for _ in range(_copies_for(nb) - 1)]
             weights[key] = (spec, codes, s, z, copies, w_ref, w)
@@ -324,18 +327,18 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
             x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
             ref = x.double() @ w_ref.t()
             with torch.no_grad():
-                y = ops.gemm(x, *copies[0], None, spec, n, Layout.CANONICAL)
+                y = ops.gemm(x, *copies[0], None, spec, n, layout)
             torch.cuda.synchronize()
             err = _rel_err(y, ref)
             tol = 2 * torch.finfo(dtype).eps
             ok = err <= tol
-            calls = [lambda t=t: ops.gemm(x, *t, None, spec, n, Layout.CANONICAL) for t in copies]
+            calls = [lambda t=t: ops.gemm(x, *t, None, spec, n, layout) for t in copies]
             inner = len(calls) * math.ceil(48 / len(calls))
             with torch.no_grad():
                 ms, timing = time_rotated(calls, inner, repeats, use_graph=not args.no_graphs)
             moved = _nbytes(*copies[0], x, y)
             gbps = moved / (ms * 1e-3) / 1e9
-            rec.update({"impl": "layerpress", "median_ms": ms, "us": ms * 1e3, "bytes": moved,
+            rec.update({"impl": "layerpress", "layout": args.layout, "median_ms": ms, "us": ms * 1e3, "bytes": moved,
                         "gbps": gbps, "frac_copy": gbps / copy_gbps, "max_rel_err": err, "tol": tol,
                         "ok": ok, "timing": timing,
                         "l2": f"rotate {len(copies)} weight copies "
@@ -442,7 +445,7 @@ def print_gemm_table(results: List[dict], file) -> None:
                      f"{100 * r['frac_copy']:.0f}%" if "frac_copy" in r else "-",
                      f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-",
                      "yes" if r.get("ok") else ("ERROR" if "error" in r else "WRONG")])
-    print_aligned_table("CUDA low-bit GEMM, median us per call (g128 asymmetric, canonical layout; "
+    print_aligned_table("CUDA low-bit GEMM, median us per call (g128 asymmetric, layout of --layout; "
                         "'vs X' = X's time / layerpress's, >1 means layerpress is faster)",
                         head, rows, file)
 
@@ -659,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the planned cases as JSON lines (kind 'case') and exit; no CUDA")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile baseline for norms")
     p.add_argument("--no-baselines", action="store_true", help="GEMM: time layerpress only")
+    p.add_argument("--layout", choices=("cuda_mma", "canonical"), default="cuda_mma",
+                   help="GEMM: the weight layout (cuda_mma: the tensor-core kernel; canonical: the simple one)")
     p.add_argument("--no-graphs", action="store_true",
                    help="GEMM: back-to-back launches instead of CUDA graphs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")

@@ -311,7 +311,7 @@ def test_quant_linear_on_cuda_matches_cpu(spec):
     lin = nn.Linear(256, 64)
     ql = QuantLinear.from_linear(lin, spec)
     ql_gpu = copy.deepcopy(ql).to(DEVICE)
-    assert ql_gpu.layout == CANONICAL and ql_gpu.qweight.device.type == "cuda"
+    assert ql_gpu.layout == Layout.CUDA_MMA and ql_gpu.qweight.device.type == "cuda"
     sd_cpu, sd_gpu = ql.state_dict(), ql_gpu.state_dict()
     assert sd_cpu.keys() == sd_gpu.keys()
     for key in sd_cpu:

@@ -81,7 +81,7 @@ def _csr_from_flat(idx: torch.Tensor, val: torch.Tensor, n: int, k: int, transpo
 
 def layout_for(device: torch.device) -> Layout:
     """The weight layout the GEMM kernels of a device read."""
-    return Layout.CPU_BITPLANE16 if torch.device(device).type == "cpu" else Layout.CANONICAL
+    return Layout.CPU_BITPLANE16 if torch.device(device).type == "cpu" else Layout.CUDA_MMA
 
 
 class QuantLinear(nn.Module):
