@@ -285,9 +285,9 @@ __global__ void __launch_bounds__(kThreads) gemm_mma_kernel(MmaArgs a) {
       const int kl = warp * ml::kTileK;  // row of this warp's tile in the stage's [64][gs] entries
       uint32_t as[2][kMB][4];
 #pragma unroll
-      for (int gi = 0; gi < 2; ++gi) {
-        if (gi >= ic_gs) break;
-        const int r0 = (kl + 2 * t) * ic_gs + gi, r8 = (kl + 2 * t + 8) * ic_gs + gi;
+      for (int gi = 0; gi < 2; ++gi) {  // with one group per strip, as[1] repeats as[0]
+        const int gsel = gi < ic_gs ? gi : 0;
+        const int r0 = (kl + 2 * t) * ic_gs + gsel, r8 = (kl + 2 * t + 8) * ic_gs + gsel;
         const T2<T> s_lo = pair_of<T>(scale_at(s_st, r0, a.scale_type), scale_at(s_st, r0 + ic_gs, a.scale_type));
         const T2<T> s_hi = pair_of<T>(scale_at(s_st, r8, a.scale_type), scale_at(s_st, r8 + ic_gs, a.scale_type));
 #pragma unroll
@@ -320,8 +320,13 @@ __global__ void __launch_bounds__(kThreads) gemm_mma_kernel(MmaArgs a) {
           b[0] = as_bits<T>(__hsub2(as_pair<T>(pairs[2 * j]), pair_of<T>(mv + z[0], mv + z[1])));
           b[1] = as_bits<T>(__hsub2(as_pair<T>(pairs[2 * j + 1]), pair_of<T>(mv + z[2], mv + z[3])));
         }
+        // selects, not an index by the runtime gi: `as` stays in registers
 #pragma unroll
-        for (int i = 0; i < kMB; ++i) mma<T>(acc[i][j], as[gi][i], b);
+        for (int i = 0; i < kMB; ++i) {
+          const uint32_t ai[4] = {gi ? as[1][i][0] : as[0][i][0], gi ? as[1][i][1] : as[0][i][1],
+                                  gi ? as[1][i][2] : as[0][i][2], gi ? as[1][i][3] : as[0][i][3]};
+          mma<T>(acc[i][j], ai, b);
+        }
       }
     }
   }
