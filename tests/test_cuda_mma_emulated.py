@@ -27,13 +27,14 @@ import torch
 from layerpress import Layout, QuantSpec, ops
 
 from cuda_emu import AXIS, FLOAT_TYPE, EmulatedLaunchError, _ptr
-from cuda_testutils import (BITS, AXES, GROUPS, activation, assert_same_bits, assert_within, dtype_id,
-                            gemm_tolerance, quantized, sample_weight, spec_id)
+from cuda_testutils import (BITS, AXES, GROUPS, MMA_UNIT, activation, assert_same_bits, assert_within, dtype_id,
+                            folded_magnitude, gemm_tolerance, mma_rounded_reference, mma_rounding_tolerance,
+                            quantized, sample_weight, spec_id)
+from layerpress import reference as R
 from test_cuda_emulated import emu, emu_build  # noqa: F401  (the session's emulator fixtures)
 
 MMA = Layout.CUDA_MMA
 ACT_DTYPES = (torch.float16, torch.bfloat16)
-UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 class MmaEmulator:
@@ -161,6 +162,32 @@ def test_layout_errors_name_the_constraint():
         ops.unrepack(qm[:, :1], sm[:, :1], zm[:, :1], spec, n, MMA)
 
 
+@pytest.mark.parametrize("spec", SPECS[::7], ids=IDS[::7])
+def test_fake_shapes_match_the_real_ops(spec):
+    """The meta/fake implementations (what torch.compile traces, for CUDA tensors too) give the
+    shapes and dtypes the real repack/unrepack produce, and gemm/gemm_t the right output shapes."""
+    codes, s, z, q, _, _ = quantized(spec)
+    n, k = codes.shape
+    lp = torch.ops.layerpress
+    args = (spec.bits, spec.group_size, spec.axis_id)
+    meta = lambda t: None if t is None else t.to("meta")  # noqa: E731
+    real = lp.repack(q, s, z, *args, int(MMA))
+    fake = lp.repack(meta(q), meta(s), meta(z), *args, int(MMA))
+    for r, f in zip(real, fake):
+        assert (f.shape, f.dtype, f.device.type) == (r.shape, r.dtype, "meta")
+    zr = None if spec.symmetric else real[2]  # symmetric: an empty placeholder comes back; pass None
+    zz = meta(zr)
+    back = lp.unrepack(real[0], real[1], zr, *args, int(MMA), n)
+    fake_back = lp.unrepack(meta(real[0]), meta(real[1]), zz, *args, int(MMA), n)
+    for r, f in zip(back, fake_back):
+        assert (f.shape, f.dtype) == (r.shape, r.dtype)
+    y = lp.gemm(torch.empty(2, 3, k, device="meta", dtype=torch.float16), meta(real[0]), meta(real[1]), zz, None,
+                *args, int(MMA), n)
+    assert y.shape == (2, 3, n) and y.dtype == torch.float16
+    yt = lp.gemm_t(torch.empty(5, n, device="meta"), meta(real[0]), meta(real[1]), zz, *args, int(MMA), n)
+    assert yt.shape == (5, k)
+
+
 @pytest.mark.parametrize("spec", SPECS[::3], ids=IDS[::3])
 def test_emulated_repack_kernels_match_cpu(mma, spec):
     codes, s, z, q, _, _ = quantized(spec)
@@ -182,42 +209,10 @@ def test_emulated_repack_kernels_match_cpu(mma, spec):
 
 # ---- the GEMM -------------------------------------------------------------------------------------
 
-def weight_rounding_tolerance(a, w64, spec, act_dtype, scale_dtype):
-    """What rounding weights (or activation x scale) to the activation type adds to the bound."""
-    u = UNIT[act_dtype]
-    roundings = 1 if scale_dtype == act_dtype else 2
-    rel = 2 * roundings * u * (a.to(torch.float64).abs() @ w64.abs().t())
-    sub = 0.0
-    if act_dtype == torch.float16:  # subnormal products: 2^-25 absolute per term
-        qmax = 2 ** spec.bits - 1
-        sub = 2.0 ** -25 * (a.to(torch.float64).abs().sum(-1, keepdim=True) + qmax * a.shape[-1]) * 2
-    return rel + sub
-
-
-def rounded_reference(x, codes, s, z, spec, act_dtype):
-    """float64 product with exactly the roundings the kernel makes when the scales have the
-    activation dtype: per-OC each weight (q - z) s rounded once to it (the fp32 product is exact),
-    per-IC each x s rounded once to it and B = q - z exact. Only fp32 summation error remains."""
-    n, k = codes.shape
-    g = spec.group_for(n, k)
-    zf = (torch.full(s.shape, 2 ** (spec.bits - 1)) if z is None else z).float()
-    if spec.axis == "oc":
-        w = (codes.float() - zf.repeat_interleave(g, 1)) * s.float().repeat_interleave(g, 1)
-        return x.double() @ w.to(act_dtype).double().t()
-    y = torch.empty(x.shape[0], n, dtype=torch.float64)
-    for gi in range(n // g):
-        cols = slice(gi * g, (gi + 1) * g)
-        a = (x.float() * s[:, gi].float()).to(act_dtype).double()           # [M, K]
-        b = codes[cols].double() - zf[:, gi].double()[None, :]               # [g, K]
-        y[:, cols] = a @ b.t()
-    return y
-
-
 def check_mma_gemm(mma, spec, n, k, m, act_dtype, seed, bias=False, ldx_pad=0, expect_tensor_cores=True):
     w = sample_weight(n, k, seed=n + 7 * spec.bits + k)
     codes, s, z = ops.quantize(w, spec)
     q = ops.pack(codes, spec.bits)
-    from layerpress import reference as R
     w64 = R.dequantize(codes, s, z, spec).double()
     qm, sm, zm = ops.repack(q, s, z, spec, MMA)
     x = activation((m, k + ldx_pad), act_dtype, seed)[:, :k]
@@ -225,16 +220,15 @@ def check_mma_gemm(mma, spec, n, k, m, act_dtype, seed, bias=False, ldx_pad=0, e
     y, tc = mma.gemm(x, qm, sm, None if spec.symmetric else zm, b, spec, n, k)
     assert tc == expect_tensor_cores, f"tensor-core path {'not ' if expect_tensor_cores else ''}taken"
     y_ref = x.double() @ w64.t() + (0 if b is None else b.double())
-    from cuda_testutils import folded_magnitude
     mag = folded_magnitude(codes, s, z, spec)
     tol = gemm_tolerance(x, mag, y_ref, act_dtype, b)
-    if act_dtype in UNIT and expect_tensor_cores:
-        tol = tol + weight_rounding_tolerance(x, w64, spec, act_dtype, spec.scale_dtype)
+    if act_dtype in MMA_UNIT and expect_tensor_cores:
+        tol = tol + mma_rounding_tolerance(x, w64, spec, act_dtype)
     what = f"{spec_id(spec)} mma {dtype_id(act_dtype)} M={m} N={n} K={k}"
     assert_within(y, y_ref, tol, what)
     if expect_tensor_cores and spec.scale_dtype == act_dtype:
         # the tight check: the same roundings in the reference, fp32 summation error only
-        y_exact = rounded_reference(x, codes, s, None if spec.symmetric else z, spec, act_dtype)
+        y_exact = mma_rounded_reference(x, codes, s, None if spec.symmetric else z, spec, act_dtype)
         y_exact = y_exact + (0 if b is None else b.double())
         assert_within(y, y_exact, gemm_tolerance(x, mag, y_exact, act_dtype, b), what + " (rounded reference)")
     return y, y_ref
@@ -297,8 +291,6 @@ def test_gemm_t_on_the_layout(mma, spec):
     w = sample_weight(n, k, seed=3)
     codes, s, z = ops.quantize(w, spec)
     q = ops.pack(codes, spec.bits)
-    from layerpress import reference as R
-    from cuda_testutils import folded_magnitude
     w64 = R.dequantize(codes, s, z, spec).double()
     qm, sm, zm = ops.repack(q, s, z, spec, MMA)
     for dt in (torch.float32, torch.bfloat16):
