@@ -313,7 +313,7 @@ def test_mma_gemm_under_other_thread_orders(mma, emu, schedule):  # noqa: F811
 
 # ---- the tests catch broken tensor-core kernels ------------------------------------------------------
 
-# Four bugs in one copy of gemm_cuda_mma.cu, each confined to configurations the others leave alone,
+# Four bugs in one copy of gemm_cuda_mma.cuh, each confined to configurations the others leave alone,
 # so one emulator build shows that each is caught (and that an unaffected configuration still passes).
 MMA_MUTATIONS = {
     # per-IC only: rows 2t+8, 2t+9 of the A fragment scaled with the scales of rows 2t, 2t+1
@@ -335,11 +335,11 @@ def test_broken_mma_kernels_fail(tmp_path_factory):
     from cuda_emu import ROOT, Emulator, build
     kernels = tmp_path_factory.mktemp("broken_mma") / "kernels"
     shutil.copytree(ROOT / "cuda" / "kernels", kernels)
-    text = (kernels / "gemm_cuda_mma.cu").read_text()
+    text = (kernels / "gemm_cuda_mma.cuh").read_text()
     for name, (old, new) in MMA_MUTATIONS.items():
         assert text.count(old) == 1, f"mutation {name}: the kernel source changed; update MMA_MUTATIONS"
         text = text.replace(old, new)
-    (kernels / "gemm_cuda_mma.cu").write_text(text)
+    (kernels / "gemm_cuda_mma.cuh").write_text(text)
     broken = MmaEmulator(Emulator(build(kernels.parent / "build", kernel_dir=kernels)))
     oc4 = QuantSpec(bits=4, group_size=64, axis="oc", scale_dtype=torch.float16)
     check_mma_gemm(broken, oc4, 72, 128, 7, torch.float16, seed=1)  # untouched by every mutation
