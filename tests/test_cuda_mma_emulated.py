@@ -1,9 +1,9 @@
 """The tensor-core GEMM (cuda/kernels/gemm_cuda_mma.cu) and its weight layout Layout.CUDA_MMA
-(cpp/include/layerpress/cuda_mma_layout.h, docs/format.md §5), run in the CUDA emulator and
+(cpp/include/layerpress/cuda_mma_layout.h, docs/format.md §4a), run in the CUDA emulator and
 compared with float64 references and the CPU ops. CPU-only: never skipped. Emulated, not verified:
 only scripts/gpu_check.sh on a GPU verifies the kernel.
 
-* the layout: the CPU repack against an independent plain-PyTorch decoder of docs/format.md §5
+* the layout: the CPU repack against an independent plain-PyTorch decoder of docs/format.md §4a
   (codes, scales, zeros bit-exact), the repack -> unrepack round trip, and the CUDA repack kernels
   (emulated) bit-exact against the CPU repack;
 * the GEMM: every bits x axis x group x sym/asym format at M = 1 and 7 (fp16 and bf16, scale
@@ -76,7 +76,7 @@ def mma(emu):  # noqa: F811
     return MmaEmulator(emu)
 
 
-# ---- an independent decoder of the layout (docs/format.md §5), plain PyTorch -----------------------
+# ---- an independent decoder of the layout (docs/format.md §4a), plain PyTorch -----------------------
 
 def decode_mma_codes(qm: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """qweight [ceil(N/64), K/16, 32*bits] -> codes uint8 [N, K], straight from the spec's words."""

@@ -22,11 +22,13 @@
 #include <string>
 #include <vector>
 
+#include "bench_cli.h"
 #include "layerpress/cpu_kernels.h"
 #include "layerpress/cuda_kernels.h"
 #include "layerpress/cuda_mma_layout.h"
 
 using namespace layerpress;
+using layerpress_bench::parse_list;
 
 namespace {
 
@@ -78,19 +80,9 @@ struct Cublas {
   }
 };
 
-std::vector<int64_t> parse_list(const char* s) {
-  std::vector<int64_t> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) v.push_back(std::atoll(item.c_str()));
-  return v;
-}
-
-std::vector<std::pair<int64_t, int64_t>> parse_shapes(const char* s) {
+std::vector<std::pair<int64_t, int64_t>> parse_shapes(const char* s) {  // "KxN,KxN"
   std::vector<std::pair<int64_t, int64_t>> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
+  for (const std::string& item : layerpress_bench::split_list(s)) {
     const size_t x = item.find('x');
     if (x != std::string::npos) v.push_back({std::atoll(item.substr(0, x).c_str()), std::atoll(item.substr(x + 1).c_str())});
   }
@@ -150,12 +142,8 @@ int main(int argc, char** argv) {
     else if (a == "--axes") axes = parse_list(argv[i + 1]);
     else if (a == "--group") group = std::atoll(argv[i + 1]);
     else if (a == "--cublas") cublas_path = argv[i + 1];
-    else if (a == "--dtypes") {
-      dtypes.clear();
-      std::stringstream ss(argv[i + 1]);
-      std::string item;
-      while (std::getline(ss, item, ',')) dtypes.push_back(item);
-    } else {
+    else if (a == "--dtypes") dtypes = layerpress_bench::split_list(argv[i + 1]);
+    else {
       std::fprintf(stderr, "bench_gemm_cuda: unknown option %s\n", a.c_str());
       return 2;
     }
@@ -171,7 +159,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1234);
   const int64_t max_m = *std::max_element(Ms.begin(), Ms.end());
 
-  for (const auto& [K, N] : shapes) {
+  for (const auto& shape : shapes) {
+    const int64_t K = shape.first, N = shape.second;
     // dense weights for cuBLAS and activations, both dtypes
     std::vector<uint16_t> host(std::max(N * K, max_m * K));
     std::normal_distribution<float> nd(0.0f, 0.02f);

@@ -23,6 +23,21 @@ QuantParams params(int64_t N, int64_t K, int bits, int group, int axis, int symm
   p.scale_type = static_cast<FloatType>(scale_type);
   return p;
 }
+GemmArgs gemm_args(const int32_t* qweight, const void* scales, const uint8_t* zeros, const QuantParams& p, int64_t M,
+                   int act_type, const void* x, int64_t ldx, const void* bias, void* y) {
+  GemmArgs a;
+  a.p = p;
+  a.qweight = qweight;
+  a.scales = scales;
+  a.zeros = zeros;
+  a.M = M;
+  a.act_type = static_cast<FloatType>(act_type);
+  a.x = x;
+  a.ldx = ldx;
+  a.bias = bias;
+  a.y = y;
+  return a;
+}
 }  // namespace
 
 extern "C" {
@@ -57,17 +72,8 @@ int lp_emu_dequantize(const int32_t* qweight, const void* scales, const uint8_t*
 int lp_emu_gemm(int transposed, const int32_t* qweight, const void* scales, const uint8_t* zeros, int64_t N,
                 int64_t K, int bits, int group, int axis, int symmetric, int scale_type, int64_t M, int act_type,
                 const void* x, int64_t ldx, const void* bias, void* y) {
-  GemmArgs a;
-  a.p = params(N, K, bits, group, axis, symmetric, scale_type);
-  a.qweight = qweight;
-  a.scales = scales;
-  a.zeros = zeros;
-  a.M = M;
-  a.act_type = static_cast<FloatType>(act_type);
-  a.x = x;
-  a.ldx = ldx;
-  a.bias = bias;
-  a.y = y;
+  const GemmArgs a = gemm_args(qweight, scales, zeros, params(N, K, bits, group, axis, symmetric, scale_type), M,
+                               act_type, x, ldx, bias, y);
   return transposed ? gemm_t_canonical_cuda(a, nullptr) : gemm_canonical_cuda(a, nullptr);
 }
 
@@ -84,17 +90,8 @@ int lp_emu_repack_cuda_mma(int to_layout, const int32_t* q, const void* s, const
 int lp_emu_gemm_cuda_mma(int transposed, const int32_t* qweight, const void* scales, const uint8_t* zeros, int64_t N,
                          int64_t K, int bits, int group, int axis, int symmetric, int scale_type, int64_t M,
                          int act_type, const void* x, int64_t ldx, const void* bias, void* y, int* tensor_cores) {
-  GemmArgs a;
-  a.p = params(N, K, bits, group, axis, symmetric, scale_type);
-  a.qweight = qweight;
-  a.scales = scales;
-  a.zeros = zeros;
-  a.M = M;
-  a.act_type = static_cast<FloatType>(act_type);
-  a.x = x;
-  a.ldx = ldx;
-  a.bias = bias;
-  a.y = y;
+  const GemmArgs a = gemm_args(qweight, scales, zeros, params(N, K, bits, group, axis, symmetric, scale_type), M,
+                               act_type, x, ldx, bias, y);
   if (transposed) return gemm_t_simple_cuda(a, Layout::kCudaMma, nullptr);
   if (tensor_cores) *tensor_cores = gemm_cuda_mma_uses_tensor_cores(a) ? 1 : 0;
   std::vector<unsigned char> workspace(gemm_cuda_mma_workspace_bytes(a));

@@ -1,5 +1,5 @@
 // Layout::kCudaMma (layout id 2): the weight layout the CUDA tensor-core GEMM reads
-// (cuda/kernels/gemm_cuda_mma.cu). Specified in docs/format.md §5; this header is its executable
+// (cuda/kernels/gemm_cuda_mma.cu). Specified in docs/format.md §4a; this header is its executable
 // form, shared by the CPU repack (cpp/kernels/cuda_mma_layout.cpp), the CUDA repack kernels and
 // the GEMM itself, so the three agree by construction. Torch-free; callable from host and device.
 //
