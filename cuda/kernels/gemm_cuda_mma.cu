@@ -21,8 +21,9 @@
 // rounded once to the activation type before the product; accumulation is fp32.
 //
 // Partitioning: at small M the strips alone do not fill the GPU, so K is split across
-// blockIdx.z until about two blocks per SM run; the split partial sums go to an fp32 workspace and
-// a second kernel adds them in order (deterministic), adds the bias and rounds.
+// blockIdx.z until about four blocks per SM run (plan_for has the limits); the split partial sums
+// go to an fp32 workspace and a second kernel adds them in order (deterministic), adds the bias
+// and rounds.
 // Shapes: any N (the layout pads to 64 columns), K % 32 == 0 (the format's rule), any M. Rows
 // of X must be 16-byte aligned (ldx % 8 == 0, aligned base) for cp.async; other calls, and fp32
 // activations, take the simple kernel of gemm_cuda.cu on the same layout (gemm_cuda_mma decides).
@@ -31,6 +32,8 @@
 namespace layerpress {
 namespace mma_gemm {
 namespace {
+
+constexpr int kBlocksPerSm = 4;  // split-K target at small M
 
 MmaPlan plan_for(const GemmArgs& a) {
   MmaPlan p;
@@ -41,11 +44,17 @@ MmaPlan plan_for(const GemmArgs& a) {
   cudaGetDevice(&device);
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 1;
   const int64_t blocks = ml::n_tiles(a.p.N) * p.m_blocks;
+  // Aim at kBlocksPerSm resident blocks per SM (bytes in flight at M = 1), with at least 4 stages
+  // per block and the fp32 partial sums (written and read once: 8 M N bytes per split) at most
+  // 1/8 of the packed weight's bytes (N K bits / 8).
   int64_t split = 1;
-  if (blocks < 2 * static_cast<int64_t>(sms)) {
-    split = (2 * sms + blocks - 1) / blocks;
-    const int64_t max_split = k_stages / 4 > 0 ? k_stages / 4 : 1;  // at least 4 stages per block
-    split = split < max_split ? split : max_split;
+  const int64_t target = static_cast<int64_t>(kBlocksPerSm) * sms;
+  if (blocks < target) {
+    split = (target + blocks - 1) / blocks;
+    const int64_t by_stages = k_stages / 4 > 0 ? k_stages / 4 : 1;
+    const int64_t by_traffic = a.p.K * a.p.bits / (512 * a.M) > 0 ? a.p.K * a.p.bits / (512 * a.M) : 1;
+    split = split < by_stages ? split : by_stages;
+    split = split < by_traffic ? split : by_traffic;
     split = split < kMaxSplit ? split : kMaxSplit;
   }
   p.stages_per_split = static_cast<int>((k_stages + split - 1) / split);
@@ -55,7 +64,11 @@ MmaPlan plan_for(const GemmArgs& a) {
 
 bool tensor_core_path(const GemmArgs& a) {
   if (a.act_type != FloatType::kF16 && a.act_type != FloatType::kBF16) return false;
-  if (a.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0) return false;  // cp.async rows
+  // cp.async copies 16-byte chunks: rows of x, and the weight, scale and zero arrays (tensors the
+  // op allocates are aligned; views with an odd storage offset take the fallback)
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (a.ldx % 8 != 0 || !aligned(a.x) || !aligned(a.qweight) || !aligned(a.scales)) return false;
+  if (a.zeros != nullptr && !aligned(a.zeros)) return false;
   return a.M <= 65535LL * 64;  // gridDim.y
 }
 
