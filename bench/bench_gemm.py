@@ -131,17 +131,17 @@ int4pack_weight = int4pack
 
 # ---- the C++ binary --------------------------------------------------------------------------------
 
-def find_cpp_binary() -> Optional[str]:
+def find_cpp_binary(name: str = "bench_gemm_cpu", env: str = "LAYERPRESS_BENCH_BIN") -> Optional[str]:
     cands = []
-    if os.environ.get("LAYERPRESS_BENCH_BIN"):
-        cands.append(os.environ["LAYERPRESS_BENCH_BIN"])
+    if os.environ.get(env):
+        cands.append(os.environ[env])
     try:
         from layerpress import _C
-        cands.append(os.path.join(os.path.dirname(_C.__file__), "bin", "bench_gemm_cpu"))
+        cands.append(os.path.join(os.path.dirname(_C.__file__), "bin", name))
     except ImportError:
         pass
-    cands.append(os.path.join(os.path.dirname(layerpress.__file__), "bin", "bench_gemm_cpu"))
-    cands += sorted(glob.glob(str(REPO_ROOT / "build" / "*" / "bench_gemm_cpu")),
+    cands.append(os.path.join(os.path.dirname(layerpress.__file__), "bin", name))
+    cands += sorted(glob.glob(str(REPO_ROOT / "build" / "*" / name)),
                     key=os.path.getmtime, reverse=True)
     for c in cands:
         if os.path.isfile(c) and os.access(c, os.X_OK):

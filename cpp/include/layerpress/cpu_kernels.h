@@ -44,6 +44,17 @@ void repack_bitplane_to_canonical(const int32_t* q, const void* s, const uint8_t
                                   const QuantParams& p, int32_t* q_out, void* s_out,
                                   uint8_t* z_out, const ParallelFor& pf);
 
+// ---- kCudaMma (the CUDA tensor-core layout, cuda_mma_layout.h) -------------------------------------
+// Produced on the CPU too, so CPU tests and the CUDA emulator check it bit for bit.
+// qweight [ceil(N/64), K/16, 32*bits] int32; scales/zeros per-OC [ceil(N/64), K/g, 64],
+// per-IC [ceil(N/64), K, g == 32 ? 2 : 1] (padding 0).
+void repack_canonical_to_cuda_mma(const int32_t* q, const void* s, const uint8_t* z,
+                                  const QuantParams& p, int32_t* q_out, void* s_out,
+                                  uint8_t* z_out, const ParallelFor& pf);
+void repack_cuda_mma_to_canonical(const int32_t* q, const void* s, const uint8_t* z,
+                                  const QuantParams& p, int32_t* q_out, void* s_out,
+                                  uint8_t* z_out, const ParallelFor& pf);
+
 // ---- low-bit GEMM on kCpuBitplane16 -------------------------------------------------------------
 // The CPU kernels read GemmArgs (quant_format.h) with the weight in kCpuBitplane16.
 
