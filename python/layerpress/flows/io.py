@@ -11,7 +11,8 @@ A saved directory holds
   {"in_features", "out_features", "bias", "conv1d", "spec": QuantSpec.to_dict()}},
   "aliases": {dropped key: stored key}}``. A layer with side paths (outliers, LoRC; docs/format.md
   §8) adds ``"outliers": nnz, "lorc_rank": r, "side_dtype": "float16"``; the tensors must match
-  them exactly.
+  them exactly. ``"digests"`` records a digest per stored tensor (flows/integrity.py), checked
+  on load.
 
 Writing is atomic: everything goes to a temporary directory beside the target, which is then
 renamed into place. :func:`load_quantized` rebuilds the original model class from the saved
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..nn import SIDE_DTYPES, QuantLinear
 from ..spec import QuantSpec
+from .integrity import check_digests, digest_tensors, digests_entry, tensor_files
 from .models import get_submodule, is_conv1d
 
 __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_entry",
@@ -106,10 +108,14 @@ def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], c
                      metadata: Optional[Dict[str, str]] = None) -> Path:
     """Writes ``model.safetensors`` + ``config.json`` (+ extra JSON files) to the directory
     ``path`` atomically: everything goes to a temporary directory beside it, which is then
-    renamed into place, so an interrupted write never leaves a complete-looking checkpoint."""
+    renamed into place, so an interrupted write never leaves a complete-looking checkpoint.
+    A layerpress ``quantization_config`` in ``config`` gets the tensors' digests."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    qcfg = config.get("quantization_config")
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "layerpress":
+        config = {**config, "quantization_config": {**qcfg, "digests": digests_entry(tensors)}}
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,17 +275,22 @@ def _read_tensors(path: Path):
     return sd, index
 
 
-def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
+def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None,
+                   verify: bool = True) -> nn.Module:
     """Loads a directory written by :func:`save_quantized`. Without ``model``, rebuilds the
     original model class from the saved config; with ``model`` (the original architecture,
     e.g. ``AutoModel.from_pretrained(original_dir)``), fills that one in place. Reads
     ``model.safetensors`` or, as ``save_pretrained`` writes for large models, the shards listed in
     ``model.safetensors.index.json``. Returns the model in eval mode. Raises FileNotFoundError /
-    ValueError with the reason on bad input."""
+    ValueError with the reason on bad input. ``verify`` (default): every stored tensor must match
+    the digest recorded at save time (flows/integrity.py; an IntegrityError names the tensor and
+    file); a directory saved without digests loads with a notice."""
     path = Path(path)
     cfg = _read_config(path)
     q = cfg["quantization_config"]
     sd, wpath = _read_tensors(path)
+    if verify:
+        check_digests(q, digest_tensors(sd), tensor_files(path, sd), path)
     if model is None:
         model = _build_model(cfg)
     elif q.get("model_class") and type(model).__name__ != q["model_class"]:
