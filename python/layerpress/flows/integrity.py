@@ -128,7 +128,7 @@ def _stored_files(path: Path) -> List[str]:
 
 def verify_directory(path) -> List[dict]:
     """Checks every safetensors file of a saved model against its recorded digests. Returns one
-    result per file, ``{"file", "ok", "tensors" (checked), "error" (or None)}``, plus a final
+    result per file, ``{"file", "ok", "tensors" (checked), "error" (the first, or None)}``, plus a final
     ``{"file": "config.json", ...}`` entry for recorded tensors no file holds. Raises
     FileNotFoundError / ValueError when ``path`` is not a saved model with digests."""
     from safetensors import SafetensorError, safe_open
@@ -146,20 +146,22 @@ def verify_directory(path) -> List[dict]:
     results, seen = [], set()
     for name in _stored_files(path):
         file = path / name
+        bad = []
         res = {"file": name, "ok": True, "tensors": 0, "error": None}
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     seen.add(key)
-                    if key not in recorded:
-                        res.update(ok=False, error=f"tensor {key!r} has no recorded digest")
-                        break
                     res["tensors"] += 1
-                    if tensor_digest(f.get_tensor(key)) != recorded[key]:
-                        res.update(ok=False, error=f"tensor {key!r} does not match its recorded digest")
-                        break
+                    if key not in recorded:
+                        bad.append(f"tensor {key!r} has no recorded digest")
+                    elif tensor_digest(f.get_tensor(key)) != recorded[key]:
+                        bad.append(f"tensor {key!r} does not match its recorded digest")
         except (SafetensorError, OSError, ValueError) as e:
-            res.update(ok=False, error=f"unreadable safetensors file: {e}")
+            bad.insert(0, f"unreadable safetensors file: {e}")
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            res.update(ok=False, error=bad[0] + more)
         results.append(res)
     missing = sorted(set(recorded) - seen)
     if missing:

@@ -588,10 +588,16 @@ def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, 
     Hraw = hess.H.float()  # Σ xxᵀ
     H = hess.hessian()
     full = f"{adapter.block_name(bi)}.{name}"
+    if not bool(torch.isfinite(hess.H).all()):
+        raise ValueError(f"{full}: its calibration inputs hold NaN/Inf (inside {adapter.block_name(bi)}); "
+                         "stopping (check the model's weights and dtype, e.g. fp16 overflow)")
     specs = _candidate_specs(s.axis, plan.width(full, bi), s.group_size, s.symmetric,
                              s.scale_dtype, n, k)
     sel = s.method if s.select_with == "applied" else "rtn"
-    results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    try:
+        results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    except ValueError as e:  # e.g. a scale overflowing scale_dtype: say which layer
+        raise ValueError(f"{full}: {e}") from None
     point = adapter.measure_point(name)
     mse = {}
     if len(results) > 1:

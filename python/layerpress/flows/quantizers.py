@@ -94,6 +94,9 @@ def _params_from_range(lo, hi, spec: QuantSpec):
     else:
         s = (hi - lo) / qmax
     s = s.to(spec.scale_dtype)
+    if not bool(torch.isfinite(s).all()):  # the op's own check would only say "not finite"
+        raise ValueError(f"a group's scale overflows scale_dtype={spec.scale_dtype} (the weight range "
+                         "is too large for it); use float32 or bfloat16 scales")
     s = torch.where(s == 0, torch.ones_like(s), s)
     if spec.symmetric:
         return s, None
