@@ -145,7 +145,7 @@ def read_json(path: Path) -> dict:
     """A JSON object from ``path``; ValueError naming the file if it is not one."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # found by the fuzz suite: bad UTF-8
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -292,7 +292,13 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None,
     if verify:
         check_digests(q, digest_tensors(sd), tensor_files(path, sd), path)
     if model is None:
-        model = _build_model(cfg)
+        try:
+            model = _build_model(cfg)
+        except Exception as e:  # noqa: BLE001  (transformers' config validation has its own error types)
+            if isinstance(e, ValueError) and str(e).startswith("unknown model class"):
+                raise
+            raise ValueError(f"{path / CONFIG}: not a usable transformers config: "
+                             f"{type(e).__name__}: {e}") from None
     elif q.get("model_class") and type(model).__name__ != q["model_class"]:
         raise ValueError(f"saved from a {q['model_class']}, got a {type(model).__name__}")
     _swap_in(model, q["layers"])

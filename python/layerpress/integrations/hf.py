@@ -111,12 +111,10 @@ _SIDE_FIELDS = ("outliers", "lorc_rank", "side_dtype")  # layer-entry fields of 
 
 def _checkpoint_tensors(files) -> Dict[str, tuple]:
     """key -> (shape, dtype) of every tensor in the checkpoint's safetensors files (headers only)."""
-    from safetensors import safe_open
-
     out = {}
     for f in files or ():
         if str(f).endswith(".safetensors"):
-            with safe_open(str(f), framework="pt") as h:
+            with _open_safetensors(f) as h:
                 for key in h.keys():
                     sl = h.get_slice(key)
                     dtype = _ST_DTYPES.get(sl.get_dtype())
@@ -125,21 +123,36 @@ def _checkpoint_tensors(files) -> Dict[str, tuple]:
     return out
 
 
+def _open_safetensors(file):
+    """``safe_open`` of a checkpoint file; a corrupt one is a ValueError naming it (safetensors'
+    own error names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def _verify_checkpoint(qcfg: dict, files) -> None:
     """Checks every tensor of the checkpoint's safetensors files against the recorded digests
     (before transformers reads them; the files are then in the page cache)."""
     from pathlib import Path
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     files = [f for f in files or () if str(f).endswith(".safetensors")]
     if not files:
         return
     digests, file_of = {}, {}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
+        with _open_safetensors(f) as h:
             for key in h.keys():  # one tensor in memory at a time
-                digests[key], file_of[key] = tensor_digest(h.get_tensor(key)), Path(f).name
+                try:
+                    t = h.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{f}: {key}: unreadable tensor (truncated or corrupt?): {e}") from None
+                digests[key], file_of[key] = tensor_digest(t), Path(f).name
     check_digests(qcfg, digests, file_of, Path(files[0]).parent)
 
 
