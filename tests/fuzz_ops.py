@@ -501,7 +501,7 @@ def run_wtacrs(c):
         return
     kk = max(1, min(m, 8)) if m else 0
     idx = torch.randperm(max(m, 1), generator=g)[:kk] if m else torch.zeros(0, dtype=torch.int64)
-    ik = c["idx"]
+    ik = c["idx"] if kk or c["idx"] in ("wrong_dtype", "2d") else "ok"  # no index to corrupt
     if ik == "negative" and kk:
         idx[0] = -1
     elif ik == "too_large" and kk:
