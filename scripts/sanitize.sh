@@ -19,6 +19,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$PWD"
 
+# the interpreter scripts/setup.sh set up: LP_PYTHON, else its .venv (PEP 668 systems), else PYTHON / python
+if [ -z "${LP_PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then LP_PYTHON="$ROOT/.venv/bin/python"; fi
 LP_PYTHON="${LP_PYTHON:-${PYTHON:-$(command -v python || command -v python3)}}"
 SAN="${LAYERPRESS_SANITIZE:-address,undefined}"
 BUILD="$ROOT/build/sanitize"
@@ -69,10 +71,12 @@ DEFAULT_TESTS=(
   tests/test_format.py
   tests/test_gemm.py
   tests/test_norms.py
-  "tests/test_wtacrs.py"
+  tests/test_wtacrs.py
   tests/test_cpp_caller.py
-  tests/test_fuzz_ops.py
-  "tests/test_cuda_emulated.py"
+  "tests/test_fuzz.py::test_fuzz[ops]"
+  tests/test_cuda_emulated.py
+  # builds a second, deliberately broken emulator: a test of the tests, not of the kernels
+  --deselect tests/test_cuda_emulated.py::test_broken_kernels_fail
 )
 if [ -n "${LAYERPRESS_SANITIZE_TESTS:-}" ]; then
   read -r -a TESTS <<<"$LAYERPRESS_SANITIZE_TESTS"

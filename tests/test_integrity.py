@@ -13,7 +13,8 @@ import torch
 from flows_testutils import calib_ids, tiny_model
 from layerpress.cli.main import main as cli_main
 from layerpress.flows import load_quantized, quantize_model, save_quantized
-from layerpress.flows.integrity import DIGEST_ALGORITHM, IntegrityError, tensor_digest, verify_directory
+from layerpress.flows.integrity import DIGEST_ALGORITHM, IntegrityError, tensor_digest
+from layerpress.flows.io import verify_directory
 
 transformers = pytest.importorskip("transformers")
 

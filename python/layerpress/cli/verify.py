@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def verify(args) -> int:
-    from ..flows.integrity import verify_directory
+    from ..flows.io import verify_directory
 
     try:
         results = verify_directory(args.model_dir)

@@ -11,22 +11,21 @@ where a tensor's digest covers its dtype, its shape and its bytes as stored (so 
 that re-types or re-shapes a tensor of the same byte size is caught too). Loading checks every
 stored tensor against it by default (``verify=False`` skips that); directories saved before
 digests existed load with a one-line notice. ``layerpress verify DIR`` checks a directory file by
-file (:func:`verify_directory`).
+file (:func:`layerpress.flows.io.verify_directory`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
 __all__ = ["DIGEST_ALGORITHM", "IntegrityError", "tensor_digest", "digest_tensors", "digests_entry",
-           "check_digests", "tensor_files", "verify_directory"]
+           "recorded_digests", "check_digests"]
 
 DIGEST_ALGORITHM = "blake2b-128"
 _DIGEST_BYTES = 16
@@ -65,7 +64,7 @@ def digests_entry(tensors: Mapping[str, torch.Tensor]) -> dict:
     return {"algorithm": DIGEST_ALGORITHM, "tensors": digest_tensors(tensors)}
 
 
-def _recorded(qcfg: dict, where: str) -> Optional[Dict[str, str]]:
+def recorded_digests(qcfg: dict, where: str) -> Optional[Dict[str, str]]:
     """The recorded ``{key: digest}``, None if the checkpoint has none; ValueError if malformed."""
     entry = qcfg.get("digests")
     if entry is None:
@@ -91,7 +90,7 @@ def check_digests(qcfg: dict, digests: Mapping[str, str], file_of: Mapping[str, 
     against those ``qcfg`` records. Raises :class:`IntegrityError` naming the first tensor that
     differs and its file. Returns False (after a one-line notice) when the checkpoint records
     none."""
-    recorded = _recorded(qcfg, str(where))
+    recorded = recorded_digests(qcfg, str(where))
     if recorded is None:
         _notice_no_digests(where)
         return False
@@ -102,70 +101,3 @@ def check_digests(qcfg: dict, digests: Mapping[str, str], file_of: Mapping[str, 
                                  f"match its recorded digest (the file is corrupt or was modified); "
                                  f"pass verify=False (--no-verify) to load it anyway")
     return True
-
-
-def tensor_files(path: Path, keys: Iterable[str]) -> Dict[str, str]:
-    """``{key: file name}`` for the loaded ``keys``: ``model.safetensors``, or the shard the
-    index names (the loader has already checked the index)."""
-    from .io import WEIGHTS, WEIGHTS_INDEX
-    path = Path(path)
-    if (path / WEIGHTS).is_file() or not (path / WEIGHTS_INDEX).is_file():
-        return {k: WEIGHTS for k in keys}
-    try:
-        weight_map = json.loads((path / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"]
-        return {str(k): str(v) for k, v in weight_map.items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def _stored_files(path: Path) -> List[str]:
-    from .io import WEIGHTS, WEIGHTS_INDEX
-    if (path / WEIGHTS).is_file():
-        return [WEIGHTS]
-    files = sorted(set(tensor_files(path, ()).values())) if (path / WEIGHTS_INDEX).is_file() else []
-    return files or sorted(p.name for p in path.glob("*.safetensors"))
-
-
-def verify_directory(path) -> List[dict]:
-    """Checks every safetensors file of a saved model against its recorded digests. Returns one
-    result per file, ``{"file", "ok", "tensors" (checked), "error" (the first, or None)}``, plus a final
-    ``{"file": "config.json", ...}`` entry for recorded tensors no file holds. Raises
-    FileNotFoundError / ValueError when ``path`` is not a saved model with digests."""
-    from safetensors import SafetensorError, safe_open
-
-    from .io import CONFIG, read_json
-    path = Path(path)
-    if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path / CONFIG} is missing: not a saved layerpress model")
-    qcfg = read_json(path / CONFIG).get("quantization_config")
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "layerpress":
-        raise ValueError(f"{path / CONFIG}: no layerpress quantization_config")
-    recorded = _recorded(qcfg, str(path / CONFIG))
-    if recorded is None:
-        raise ValueError(f"{path}: saved without tensor digests (an older layerpress): nothing to verify")
-    results, seen = [], set()
-    for name in _stored_files(path):
-        file = path / name
-        bad = []
-        res = {"file": name, "ok": True, "tensors": 0, "error": None}
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    seen.add(key)
-                    res["tensors"] += 1
-                    if key not in recorded:
-                        bad.append(f"tensor {key!r} has no recorded digest")
-                    elif tensor_digest(f.get_tensor(key)) != recorded[key]:
-                        bad.append(f"tensor {key!r} does not match its recorded digest")
-        except (SafetensorError, OSError, ValueError) as e:
-            bad.insert(0, f"unreadable safetensors file: {e}")
-        if bad:
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            res.update(ok=False, error=bad[0] + more)
-        results.append(res)
-    missing = sorted(set(recorded) - seen)
-    if missing:
-        results.append({"file": CONFIG, "ok": False, "tensors": 0,
-                        "error": f"{len(missing)} recorded tensor(s) in no file, e.g. {missing[0]!r}"})
-    return results
-

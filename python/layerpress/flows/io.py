@@ -26,18 +26,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..nn import SIDE_DTYPES, QuantLinear
 from ..spec import QuantSpec
-from .integrity import check_digests, digest_tensors, digests_entry, tensor_files
+from .integrity import check_digests, digest_tensors, digests_entry, recorded_digests, tensor_digest
 from .models import get_submodule, is_conv1d
 
 __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_entry",
-           "swap_in_quantlinears", "FORMAT_VERSION"]
+           "swap_in_quantlinears", "FORMAT_VERSION", "verify_directory"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -290,7 +290,7 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None,
     q = cfg["quantization_config"]
     sd, wpath = _read_tensors(path)
     if verify:
-        check_digests(q, digest_tensors(sd), tensor_files(path, sd), path)
+        check_digests(q, digest_tensors(sd), _tensor_files(path, sd), path)
     if model is None:
         try:
             model = _build_model(cfg)
@@ -317,3 +317,69 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None,
                          f"{unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
     model.eval()
     return model
+
+
+# ---- integrity: which file holds which tensor, and the check of a whole directory -------------
+
+def _tensor_files(path: Path, keys: Iterable[str]) -> Dict[str, str]:
+    """``{key: file name}`` for the loaded ``keys``: ``model.safetensors``, or the shard the
+    index names (the loader has already checked the index)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file() or not (path / WEIGHTS_INDEX).is_file():
+        return {k: WEIGHTS for k in keys}
+    try:
+        weight_map = json.loads((path / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _stored_files(path: Path) -> List[str]:
+    if (path / WEIGHTS).is_file():
+        return [WEIGHTS]
+    files = sorted(set(_tensor_files(path, ()).values())) if (path / WEIGHTS_INDEX).is_file() else []
+    return files or sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def verify_directory(path) -> List[dict]:
+    """Checks every safetensors file of a saved model against its recorded digests. Returns one
+    result per file, ``{"file", "ok", "tensors" (checked), "error" (the first, or None)}``, plus a final
+    ``{"file": "config.json", ...}`` entry for recorded tensors no file holds. Raises
+    FileNotFoundError / ValueError when ``path`` is not a saved model with digests."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path / CONFIG} is missing: not a saved layerpress model")
+    qcfg = read_json(path / CONFIG).get("quantization_config")
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "layerpress":
+        raise ValueError(f"{path / CONFIG}: no layerpress quantization_config")
+    recorded = recorded_digests(qcfg, str(path / CONFIG))
+    if recorded is None:
+        raise ValueError(f"{path}: saved without tensor digests (an older layerpress): nothing to verify")
+    results, seen = [], set()
+    for name in _stored_files(path):
+        file = path / name
+        bad = []
+        res = {"file": name, "ok": True, "tensors": 0, "error": None}
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    seen.add(key)
+                    res["tensors"] += 1
+                    if key not in recorded:
+                        bad.append(f"tensor {key!r} has no recorded digest")
+                    elif tensor_digest(f.get_tensor(key)) != recorded[key]:
+                        bad.append(f"tensor {key!r} does not match its recorded digest")
+        except (SafetensorError, OSError, ValueError) as e:
+            bad.insert(0, f"unreadable safetensors file: {e}")
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            res.update(ok=False, error=bad[0] + more)
+        results.append(res)
+    missing = sorted(set(recorded) - seen)
+    if missing:
+        results.append({"file": CONFIG, "ok": False, "tensors": 0,
+                        "error": f"{len(missing)} recorded tensor(s) in no file, e.g. {missing[0]!r}"})
+    return results
+
