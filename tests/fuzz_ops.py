@@ -20,6 +20,7 @@ from layerpress import reference as R
 
 from fuzz_harness import API_ERRORS, FuzzFailure
 from lp_testutils import folded_magnitude, gemm_tolerance
+from test_norms import ref_norm
 
 _ops = torch.ops.layerpress
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -330,24 +331,6 @@ def norm_case(draw):
 NORM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
 
-def _ref_norm(kind, x, r, w, b, eps):
-    v = x.double()
-    h = None
-    if kind.startswith("add_"):
-        h = (x.double() + r.double()).to(x.dtype).double() if x.dtype != torch.float64 else x + r
-        v = h
-    if kind.endswith("rms"):
-        y = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        mu = v.mean(-1, keepdim=True)
-        y = (v - mu) * torch.rsqrt((v - mu).pow(2).mean(-1, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y, h
-
-
 def run_norm(c):
     import os
     g = _gen(c["seed"])
@@ -407,7 +390,7 @@ def run_norm(c):
     if not valid:
         raise FuzzFailure(f"{op} accepted invalid arguments ({c})")
     y = out[0]
-    ref, h = _ref_norm(kind, x, r, w, b if kind.endswith("layer") else None, eps)
+    ref, h = ref_norm(kind, x, r, w, b, eps)
     if y.shape != x.shape or y.dtype != dt:
         raise FuzzFailure(f"{op}: output {y.dtype} {list(y.shape)}")
     rows_ok = torch.isfinite(x.double()).all(-1, keepdim=True)
