@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", help="where to write the checkpoint (deleted afterwards)")
     args = p.parse_args(argv)
     spec = QuantSpec(bits=4, group_size=128)
-    per_layer = N * K * spec.bits // 8 + 2 * N * (K // 128) * 3  # codes + fp16 scales + u8 zeros
+    per_layer = N * K * spec.bits // 8 + N * (K // 128) * 3  # codes + fp16 scales + u8 zeros
     layers = max(1, int(-(-args.gb * 1e9 // per_layer)))
     print(json.dumps(machine_info()), flush=True)
     root = Path(tempfile.mkdtemp(prefix="lp-bench-verify-", dir=args.dir))
