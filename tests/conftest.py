@@ -69,3 +69,12 @@ def torch_single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's case counts per target (tests/test_fuzz.py), when it ran."""
+    import sys
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.CASES_RUN:
+        counts = ", ".join(f"{k} {v}" for k, v in fuzz.CASES_RUN.items())
+        terminalreporter.write_line(f"fuzz cases run: {counts} (total {sum(v or 0 for v in fuzz.CASES_RUN.values())})")

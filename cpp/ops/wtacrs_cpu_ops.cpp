@@ -8,6 +8,7 @@ namespace {
 
 Tensor row_norms_cpu(const Tensor& x) {
   const RowMatrix x2 = wtacrs::flat_rows(x, "x");
+  if (x.size(-1) == 0) return wtacrs::zero_feature_row_norms(x);
   Tensor out = empty_like_device(x, {x2.rows}, ScalarType::Float);
   if (x2.rows == 0) return out;
   wtacrs_row_norms_cpu(x2.data, float_type_of(x, "x"), x2.rows, x2.cols,

@@ -17,6 +17,22 @@ inline RowMatrix flat_rows(const Tensor& x, const char* name) {
   return row_matrix(x, x.size(-1));
 }
 
+// Tokens (rows) of x [..., D]: the product of the leading dimensions, also when D == 0 (where
+// flat_rows' row count, numel / D, is 0).
+inline int64_t token_count(const Tensor& x) {
+  int64_t n = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) n *= x.size(i);
+  return n;
+}
+
+// row_norms of rows with no features: every norm is 0 ([tokens], as the fake gives), computed
+// without calling a kernel on an empty row (found by the fuzz suite: it returned [0]).
+inline Tensor zero_feature_row_norms(const Tensor& x) {
+  Tensor out = empty_like_device(x, {token_count(x)}, ScalarType::Float);
+  torch::stable::zero_(out);
+  return out;
+}
+
 inline void check_idx(const Tensor& idx, const Tensor& ref, const char* ref_name) {
   LP_CHECK_TYPE(idx.scalar_type() == ScalarType::Long, "idx must be int64, got ", idx.scalar_type());
   LP_CHECK_VALUE(idx.dim() == 1, "idx must be 1-D [k], got ", idx.dim(), "-D");

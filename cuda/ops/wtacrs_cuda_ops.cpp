@@ -11,6 +11,7 @@ namespace {
 
 Tensor row_norms_cuda_op(const Tensor& x) {
   const RowMatrix x2 = wtacrs::flat_rows(x, "x");
+  if (x.size(-1) == 0) return wtacrs::zero_feature_row_norms(x);
   const CudaDeviceGuard guard(x);
   Tensor out = empty_like_device(x, {x2.rows}, ScalarType::Float);
   check_launch(wtacrs_row_norms_cuda(x2.data, float_type_of(x, "x"), x2.rows, x2.cols, x2.ld,

@@ -96,13 +96,14 @@ LOAD_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, NotImplemented
                 TypeError, OSError)
 
 
-def load_saved(model_dir: str):
-    """A saved layerpress model (flows/io.py load_quantized); user errors -> UsageError."""
+def load_saved(model_dir: str, verify: bool = True):
+    """A saved layerpress model (flows/io.py load_quantized; ``verify``: check the tensor
+    digests); user errors -> UsageError."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..flows.io import load_quantized
 
     try:
-        return load_quantized(model_dir)
+        return load_quantized(model_dir, verify=verify)
     except LOAD_ERRORS as e:
         msg = " ".join(str(e).split())  # one line (torch's state-dict errors span several)
         where = "" if str(Path(model_dir)) in msg else f" {model_dir}"

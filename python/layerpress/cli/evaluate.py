@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
                     "with --calib, each quantised linear's reconstruction error on calibration "
                     "text through the reference model.")
     e.add_argument("model_dir", metavar="MODEL_DIR", help="saved quantised model directory")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip checking the tensors against their recorded digests")
     e.add_argument("--reference", metavar="ORIG_DIR",
                    help="the original full-precision Hugging Face model directory")
     e.add_argument("--text", nargs="+", metavar="FILE",
@@ -96,7 +98,7 @@ def evaluate(args) -> int:
     texts = _lines(args.text, "--text") if args.text else None  # user errors first, then loading
     ref_dir = _hf_dir(args.reference, "--reference") if args.reference else None
     t0 = time.perf_counter()
-    qmodel = load_saved(args.model_dir)
+    qmodel = load_saved(args.model_dir, verify=not args.no_verify)
     import transformers
 
     from ..flows.evaluate import embedding_fidelity, perplexity, sentence_embeddings

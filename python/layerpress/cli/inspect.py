@@ -14,13 +14,15 @@ def add_parser(sub) -> None:
                     "method, shape, stored bytes, effective bits (codes, scales, zeros and side "
                     "paths per weight) and its other stored tensors (side paths, input permutation); then the totals.")
     i.add_argument("model_dir", metavar="DIR", help="saved quantised model directory")
+    i.add_argument("--no-verify", action="store_true",
+                   help="skip checking the tensors against their recorded digests")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def inspect_saved(args) -> int:
     from ..flows.report import effective_bits, quantized_layers
 
-    qmodel = load_saved(args.model_dir)
+    qmodel = load_saved(args.model_dir, verify=not args.no_verify)
     d = Path(args.model_dir)
     qcfg = json.loads((d / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     extra = qcfg.get("extra") if isinstance(qcfg.get("extra"), dict) else {}

@@ -11,6 +11,7 @@
                              per-layer reconstruction error against --reference)
     layerpress inspect DIR   what a saved quantised model holds, per layer and in total
     layerpress export DIR    write a quantised checkpoint as compressed-tensors, GGUF, AWQ or GPTQ
+    layerpress verify DIR    check a saved model's tensors against their recorded digests
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
-from . import bench, demo, evaluate, export, info, inspect, quantize
+from . import bench, demo, evaluate, export, info, inspect, quantize, verify
 from .common import PROG, UsageError
 
 __all__ = ["main", "build_parser", "UsageError", "PROG"]
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="layerpress: low-bit GEMM, per-input-channel quantisation and compression "
                     "flows for PyTorch. With no command, runs `demo`.",
         epilog="`layerpress bench --help` lists the benchmark options.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize,eval,inspect,export}")
-    for command in (demo, info, bench, quantize, evaluate, inspect, export):
+    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize,eval,inspect,export,verify}")
+    for command in (demo, info, bench, quantize, evaluate, inspect, export, verify):
         command.add_parser(sub)
     return p
 
@@ -61,6 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return inspect.inspect_saved(args)
         if args.command == "export":
             return export.export(args)
+        if args.command == "verify":
+            return verify.verify(args)
         parser.error(f"unknown command {args.command!r}")
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -11,7 +11,8 @@ A saved directory holds
   {"in_features", "out_features", "bias", "conv1d", "spec": QuantSpec.to_dict()}},
   "aliases": {dropped key: stored key}}``. A layer with side paths (outliers, LoRC; docs/format.md
   §8) adds ``"outliers": nnz, "lorc_rank": r, "side_dtype": "float16"``; the tensors must match
-  them exactly.
+  them exactly. ``"digests"`` records a digest per stored tensor (flows/integrity.py), checked
+  on load.
 
 Writing is atomic: everything goes to a temporary directory beside the target, which is then
 renamed into place. :func:`load_quantized` rebuilds the original model class from the saved
@@ -25,17 +26,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..nn import SIDE_DTYPES, QuantLinear
 from ..spec import QuantSpec
+from .integrity import check_digests, digest_tensors, digests_entry, recorded_digests, tensor_digest
 from .models import get_submodule, is_conv1d
 
 __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_entry",
-           "swap_in_quantlinears", "FORMAT_VERSION"]
+           "swap_in_quantlinears", "FORMAT_VERSION", "verify_directory"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -106,10 +108,14 @@ def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], c
                      metadata: Optional[Dict[str, str]] = None) -> Path:
     """Writes ``model.safetensors`` + ``config.json`` (+ extra JSON files) to the directory
     ``path`` atomically: everything goes to a temporary directory beside it, which is then
-    renamed into place, so an interrupted write never leaves a complete-looking checkpoint."""
+    renamed into place, so an interrupted write never leaves a complete-looking checkpoint.
+    A layerpress ``quantization_config`` in ``config`` gets the tensors' digests."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    qcfg = config.get("quantization_config")
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "layerpress":
+        config = {**config, "quantization_config": {**qcfg, "digests": digests_entry(tensors)}}
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +145,7 @@ def read_json(path: Path) -> dict:
     """A JSON object from ``path``; ValueError naming the file if it is not one."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # found by the fuzz suite: bad UTF-8
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -269,19 +275,30 @@ def _read_tensors(path: Path):
     return sd, index
 
 
-def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
+def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None,
+                   verify: bool = True) -> nn.Module:
     """Loads a directory written by :func:`save_quantized`. Without ``model``, rebuilds the
     original model class from the saved config; with ``model`` (the original architecture,
     e.g. ``AutoModel.from_pretrained(original_dir)``), fills that one in place. Reads
     ``model.safetensors`` or, as ``save_pretrained`` writes for large models, the shards listed in
     ``model.safetensors.index.json``. Returns the model in eval mode. Raises FileNotFoundError /
-    ValueError with the reason on bad input."""
+    ValueError with the reason on bad input. ``verify`` (default): every stored tensor must match
+    the digest recorded at save time (flows/integrity.py; an IntegrityError names the tensor and
+    file); a directory saved without digests loads with a notice."""
     path = Path(path)
     cfg = _read_config(path)
     q = cfg["quantization_config"]
     sd, wpath = _read_tensors(path)
+    if verify:
+        check_digests(q, digest_tensors(sd), _tensor_files(path, sd), path)
     if model is None:
-        model = _build_model(cfg)
+        try:
+            model = _build_model(cfg)
+        except Exception as e:  # noqa: BLE001  (transformers' config validation has its own error types)
+            if isinstance(e, ValueError) and str(e).startswith("unknown model class"):
+                raise
+            raise ValueError(f"{path / CONFIG}: not a usable transformers config: "
+                             f"{type(e).__name__}: {e}") from None
     elif q.get("model_class") and type(model).__name__ != q["model_class"]:
         raise ValueError(f"saved from a {q['model_class']}, got a {type(model).__name__}")
     _swap_in(model, q["layers"])
@@ -300,3 +317,69 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) ->
                          f"{unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
     model.eval()
     return model
+
+
+# ---- integrity: which file holds which tensor, and the check of a whole directory -------------
+
+def _tensor_files(path: Path, keys: Iterable[str]) -> Dict[str, str]:
+    """``{key: file name}`` for the loaded ``keys``: ``model.safetensors``, or the shard the
+    index names (the loader has already checked the index)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file() or not (path / WEIGHTS_INDEX).is_file():
+        return {k: WEIGHTS for k in keys}
+    try:
+        weight_map = json.loads((path / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _stored_files(path: Path) -> List[str]:
+    if (path / WEIGHTS).is_file():
+        return [WEIGHTS]
+    files = sorted(set(_tensor_files(path, ()).values())) if (path / WEIGHTS_INDEX).is_file() else []
+    return files or sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def verify_directory(path) -> List[dict]:
+    """Checks every safetensors file of a saved model against its recorded digests. Returns one
+    result per file, ``{"file", "ok", "tensors" (checked), "error" (the first, or None)}``, plus a final
+    ``{"file": "config.json", ...}`` entry for recorded tensors no file holds. Raises
+    FileNotFoundError / ValueError when ``path`` is not a saved model with digests."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path / CONFIG} is missing: not a saved layerpress model")
+    qcfg = read_json(path / CONFIG).get("quantization_config")
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "layerpress":
+        raise ValueError(f"{path / CONFIG}: no layerpress quantization_config")
+    recorded = recorded_digests(qcfg, str(path / CONFIG))
+    if recorded is None:
+        raise ValueError(f"{path}: saved without tensor digests (an older layerpress): nothing to verify")
+    results, seen = [], set()
+    for name in _stored_files(path):
+        file = path / name
+        bad = []
+        res = {"file": name, "ok": True, "tensors": 0, "error": None}
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    seen.add(key)
+                    res["tensors"] += 1
+                    if key not in recorded:
+                        bad.append(f"tensor {key!r} has no recorded digest")
+                    elif tensor_digest(f.get_tensor(key)) != recorded[key]:
+                        bad.append(f"tensor {key!r} does not match its recorded digest")
+        except (SafetensorError, OSError, ValueError) as e:
+            bad.insert(0, f"unreadable safetensors file: {e}")
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            res.update(ok=False, error=bad[0] + more)
+        results.append(res)
+    missing = sorted(set(recorded) - seen)
+    if missing:
+        results.append({"file": CONFIG, "ok": False, "tensors": 0,
+                        "error": f"{len(missing)} recorded tensor(s) in no file, e.g. {missing[0]!r}"})
+    return results
+

@@ -57,6 +57,7 @@ class LayerReport:
     axis_mse: Dict[str, float] = field(default_factory=dict)  # AdaDim: MSE at the measurement point
     measure_point: str = ""
     effective_bits: float = 0.0  # stored bits (codes, scales, zeros, side paths) per weight
+    gptq_damp: Optional[float] = None  # GPTQ: relative dampening used (> 0.01: H was not PD; inf: identity)
 
 
 @dataclass
@@ -362,6 +363,7 @@ def _run(model: nn.Module, s: QuantizeSettings) -> QuantReport:
     was_training = model.training
     model.eval()
     _check_lorc_rank(adapter, blocks, s.lorc_rank)
+    _check_finite_weights(adapter, blocks)
     scoring = _score_importance(model, adapter, blocks, ids, batch_size, s)
     plan = _allocate_bits(model, adapter, blocks, ids, batch_size, scoring, s)
 
@@ -408,6 +410,27 @@ def _check_lorc_rank(adapter: ModelAdapter, blocks, rank: int) -> None:
     if too_small:
         raise ValueError(f"lorc_rank must be in [0, min(out_features, in_features)] for every "
                          f"linear, got {rank}; {too_small[0][0]} is {too_small[0][1]}")
+
+
+def _check_finite_weights(adapter: ModelAdapter, blocks) -> None:
+    """Refuses a weight holding NaN or Inf before any work, naming the layer."""
+    for bi, b in enumerate(blocks):
+        for nm, m in adapter.linears(b).items():
+            w = weight_oi(m)
+            if not bool(torch.isfinite(w).all()):
+                bad = int((~torch.isfinite(w)).sum())
+                raise ValueError(f"{adapter.block_name(bi)}.{nm}: the weight holds {bad} NaN/Inf "
+                                 f"value(s); refusing to quantise it")
+
+
+def _check_finite_inputs(hidden, adapter: ModelAdapter, bi: int) -> None:
+    """Stops the run when a block's calibration inputs (the previous block's outputs) are not
+    finite: every statistic built on them (Hessians, AdaDim errors) would be NaN."""
+    for h in hidden:
+        if h.is_floating_point() and not bool(torch.isfinite(h).all()):
+            src = "the embeddings" if bi == 0 else f"the output of {adapter.block_name(bi - 1)}"
+            raise ValueError(f"{adapter.block_name(bi)}: its calibration inputs ({src}) hold NaN/Inf; "
+                             "stopping (check the model's weights and dtype, e.g. fp16 overflow)")
 
 
 @dataclass
@@ -511,6 +534,7 @@ def _quantise_block(block, bi: int, adapter: ModelAdapter, inputs, plan: BitPlan
     if s.method.startswith("awq") and s.axis != "ic":  # per-IC groups are scale-invariant
         tally.awq_groups += _awq_block(block, bi, adapter, inputs, dev, s.group_size, s.symmetric,
                                        s.scale_dtype, plan.block_bits, plan.layer_bits, s.clip)
+    _check_finite_inputs(inputs.hidden, adapter, bi)
     hess, cap = _capture(block, lins, adapter, inputs, dev, s.axis)
     chosen = {}
     for name, m in lins.items():
@@ -564,10 +588,16 @@ def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, 
     Hraw = hess.H.float()  # Σ xxᵀ
     H = hess.hessian()
     full = f"{adapter.block_name(bi)}.{name}"
+    if not bool(torch.isfinite(hess.H).all()):
+        raise ValueError(f"{full}: its calibration inputs hold NaN/Inf (inside {adapter.block_name(bi)}); "
+                         "stopping (check the model's weights and dtype, e.g. fp16 overflow)")
     specs = _candidate_specs(s.axis, plan.width(full, bi), s.group_size, s.symmetric,
                              s.scale_dtype, n, k)
     sel = s.method if s.select_with == "applied" else "rtn"
-    results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    try:
+        results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    except ValueError as e:  # e.g. a scale overflowing scale_dtype: say which layer
+        raise ValueError(f"{full}: {e}") from None
     point = adapter.measure_point(name)
     mse = {}
     if len(results) > 1:
@@ -581,8 +611,10 @@ def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, 
     num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
     den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
     rel = (num / den).item()
+    if s.verbose and res.damp is not None and res.damp > 0.01:
+        print(f"  {full}: Hessian not positive definite, dampening raised to {res.damp:g}")
     return LayerReport(full, bi, res.spec.bits, best, s.group_size, s.method, k, n, rel, mse,
-                       point), res
+                       point, gptq_damp=res.damp), res
 
 
 def _axis_errors(results: Dict[str, QuantResult], W, m, block, name: str, point: str, hess,

@@ -35,6 +35,9 @@ class QuantResult:
     codes: torch.Tensor
     weight: torch.Tensor
     spec: QuantSpec
+    #: GPTQ: the relative dampening (λ / mean diag H) that made H positive definite: the one asked
+    #: for, or a larger one when H was not (:func:`damped_cholesky_inverse`); None for RTN
+    damp: Optional[float] = None
 
 
 def _finish(w_or_q: torch.Tensor, spec: QuantSpec, scales, zeros) -> QuantResult:
@@ -91,6 +94,9 @@ def _params_from_range(lo, hi, spec: QuantSpec):
     else:
         s = (hi - lo) / qmax
     s = s.to(spec.scale_dtype)
+    if not bool(torch.isfinite(s).all()):  # the op's own check would only say "not finite"
+        raise ValueError(f"a group's scale overflows scale_dtype={spec.scale_dtype} (the weight range "
+                         "is too large for it); use float32 or bfloat16 scales")
     s = torch.where(s == 0, torch.ones_like(s), s)
     if spec.symmetric:
         return s, None
@@ -225,11 +231,7 @@ def _gptq(w, H, spec, blocksize, percdamp, act_order, clip):
         W = W[:, perm]
         H = H[perm][:, perm]
 
-    damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(K, dtype=H.dtype, device=dev)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    Hinv = torch.linalg.cholesky(Hinv, upper=True).float()
+    Hinv, damp_used = damped_cholesky_inverse(H, percdamp)
 
     Q = torch.zeros_like(W)
     if spec.axis == "oc":
@@ -292,4 +294,32 @@ def _gptq(w, H, spec, blocksize, percdamp, act_order, clip):
         inv = torch.argsort(perm)
         Q = Q[:, inv]
     res = _finish(Q, spec, S, Z)
+    res.damp = damp_used
     return res
+
+
+#: how far :func:`damped_cholesky_inverse` escalates: the asked dampening times 10**i
+DAMP_ESCALATIONS = 8
+
+
+def damped_cholesky_inverse(H: torch.Tensor, percdamp: float):
+    """The upper Cholesky factor of ``(H + λI)⁻¹`` (fp32) with ``λ = percdamp·mean(diag H)``.
+    A Hessian that is not positive definite after that (too few calibration rows for its rank,
+    round-off, an indefinite input) gets ten times the dampening, up to ``DAMP_ESCALATIONS``
+    times; past that (or with a non-finite or non-positive diagonal) the identity stands in for
+    H, which makes GPTQ plain rounding. Returns ``(factor, relative dampening used)``; the
+    dampening is ``inf`` for the identity fallback."""
+    K = H.shape[0]
+    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    mean_diag = torch.mean(torch.diag(H))
+    if bool(torch.isfinite(H).all()) and float(mean_diag) > 0:
+        for i in range(DAMP_ESCALATIONS + 1):
+            rel = percdamp * 10.0 ** i
+            L, info = torch.linalg.cholesky_ex(H + rel * mean_diag * eye)
+            if int(info) != 0:
+                continue
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U.float(), rel
+    return eye.float(), float("inf")

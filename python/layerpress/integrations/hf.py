@@ -9,13 +9,15 @@ Once registered (``import layerpress`` arranges it, see :mod:`layerpress.integra
   and each layer is then repacked into its device's kernel layout;
 * ``model.save_pretrained(dir)`` writes the same format back (canonical tensors, tied weights
   stored once with ``quantization_config.aliases``), readable by both ``from_pretrained`` and
-  :func:`layerpress.flows.load_quantized`.
+  :func:`layerpress.flows.load_quantized`, with a digest per tensor (flows/integrity.py) that
+  ``from_pretrained`` checks before loading (``LAYERPRESS_VERIFY=0`` in the environment skips it).
 
 The checkpoint must already be quantised (``layerpress.flows.quantize_model`` + ``save_quantized``):
 passing a :class:`LayerpressConfig` to ``from_pretrained`` of a float model is refused.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Dict
 
@@ -25,6 +27,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..flows.integrity import check_digests, digests_entry, tensor_digest
 from ..flows.io import FORMAT_VERSION, _dedupe, quantization_config, swap_in_quantlinears
 from ..flows.models import get_submodule
 from ..nn import QuantLinear
@@ -108,18 +111,49 @@ _SIDE_FIELDS = ("outliers", "lorc_rank", "side_dtype")  # layer-entry fields of 
 
 def _checkpoint_tensors(files) -> Dict[str, tuple]:
     """key -> (shape, dtype) of every tensor in the checkpoint's safetensors files (headers only)."""
-    from safetensors import safe_open
-
     out = {}
     for f in files or ():
         if str(f).endswith(".safetensors"):
-            with safe_open(str(f), framework="pt") as h:
+            with _open_safetensors(f) as h:
                 for key in h.keys():
                     sl = h.get_slice(key)
                     dtype = _ST_DTYPES.get(sl.get_dtype())
                     if dtype is not None:
                         out[key] = (tuple(sl.get_shape()), dtype)
     return out
+
+
+def _open_safetensors(file):
+    """``safe_open`` of a checkpoint file; a corrupt one is a ValueError naming it (safetensors'
+    own error names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _verify_checkpoint(qcfg: dict, files) -> None:
+    """Checks every tensor of the checkpoint's safetensors files against the recorded digests
+    (before transformers reads them; the files are then in the page cache)."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+
+    files = [f for f in files or () if str(f).endswith(".safetensors")]
+    if not files:
+        return
+    digests, file_of = {}, {}
+    for f in files:
+        with _open_safetensors(f) as h:
+            for key in h.keys():  # one tensor in memory at a time
+                try:
+                    t = h.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{f}: {key}: unreadable tensor (truncated or corrupt?): {e}") from None
+                digests[key], file_of[key] = tensor_digest(t), Path(f).name
+    check_digests(qcfg, digests, file_of, Path(files[0]).parent)
 
 
 def _expose_for_loading(m: QuantLinear, saved_name: str, stored: Dict[str, tuple]) -> None:
@@ -206,6 +240,8 @@ class LayerpressHfQuantizer(HfQuantizer):
                             for n, (_, info) in renamed.items()}
         saved_name = {n: saved for n, (saved, _) in renamed.items()}
         stored = _checkpoint_tensors(kwargs.get("checkpoint_files"))
+        if os.environ.get("LAYERPRESS_VERIFY", "1") != "0":
+            _verify_checkpoint(self.quantization_config.to_dict(), kwargs.get("checkpoint_files"))
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 _expose_for_loading(m, saved_name.get(name, name), stored)
@@ -238,6 +274,7 @@ class LayerpressHfQuantizer(HfQuantizer):
         fresh = quantization_config(model)
         cfg.layers, cfg.model_class, cfg.format_version = fresh["layers"], fresh["model_class"], fresh["format_version"]
         cfg.aliases = aliases
+        cfg.digests = digests_entry(tensors)
         return tensors, {"layerpress": str(FORMAT_VERSION)}
 
     def _dequantize(self, model, dtype=None):

@@ -263,10 +263,11 @@ def build_model(cfg: dict, model_dir: Path) -> nn.Module:
     hf = {k: v for k, v in cfg.items() if k != "quantization_config"}
     try:
         config = transformers.AutoConfig.for_model(**hf)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{model_dir / CONFIG}: not a usable transformers config: {e}") from None
-    with parameters_on_meta():
-        return cls(config)
+        with parameters_on_meta():
+            return cls(config)
+    except Exception as e:  # noqa: BLE001  (transformers' config validation has its own error types)
+        raise ValueError(f"{model_dir / CONFIG}: not a usable transformers config: "
+                         f"{type(e).__name__}: {e}") from None
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -335,7 +336,10 @@ def import_model(model_dir, model: Optional[nn.Module], dtype: Optional[torch.dt
         swap_module(model, name, ql)
         used.update(keys)
     rest = {k: tensors.get(k) for k in tensors.keys() if k not in used}
-    result = model.load_state_dict(rest, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(rest, strict=False, assign=True)
+    except RuntimeError as e:  # e.g. a tensor of another shape than the config gives
+        raise ValueError(f"{model_dir}: the tensors do not match the config: {e}") from None
     unstored = _unstored_buffer_tails(model) if result.unexpected_keys else set()
     u = [key for key in result.unexpected_keys if not _ignorable(model, key, unstored)]
     if u:

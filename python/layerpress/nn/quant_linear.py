@@ -1,6 +1,7 @@
 """``QuantLinear``: a linear layer whose weight is stored quantised and runs on ``layerpress::gemm``."""
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Optional
 
@@ -20,6 +21,11 @@ _SIDE_KEYS = ("outlier_idx", "outlier_val", "lorc_a", "lorc_b")
 SIDE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # runtime CSR forms of S and Sᵀ (derived from outlier_idx/outlier_val, not saved)
 _CSR_KEYS = ("_csr_crow", "_csr_col", "_csr_val", "_csr_t_crow", "_csr_t_col", "_csr_t_val")
+# _apply swaps the layer's buffers (repack for the target device; the scales and side paths set
+# aside while torch casts the rest): two threads moving one layer at once would interleave those
+# steps (one finds the scales already set aside: KeyError, or a layout that does not match its
+# tensors). One lock for every layer: moves are rare and short.
+_APPLY_LOCK = threading.RLock()
 
 
 # ---- sparse side path: x · Sᵀ with S in CSR, as an opaque op (torch.compile traces it whole) -------
@@ -338,6 +344,10 @@ class QuantLinear(nn.Module):
         return w
 
     def _apply(self, fn, recurse=True):
+        with _APPLY_LOCK:
+            return self._apply_locked(fn, recurse)
+
+    def _apply_locked(self, fn, recurse):
         device = fn(torch.empty(0, dtype=torch.int32, device=self.qweight.device)).device
         if device != self.qweight.device and self.qweight.is_meta:
             # off the meta device (Module.to_empty): uninitialised tensors of the same shapes in
