@@ -259,12 +259,19 @@ class BlockCheckpoints:
                                   f"cannot replay?): {e}") from None
 
     def save_block(self, index: int, block: nn.Module, reports: List[dict], extra: dict,
-                   next_hidden: Optional[List[torch.Tensor]]) -> None:
-        """Commits block ``index`` (quantised, in ``block``) and the inputs of the next block."""
+                   next_hidden: Optional[List[torch.Tensor]], stored: Optional[dict] = None) -> None:
+        """Commits block ``index`` (quantised, in ``block``) and the inputs of the next block.
+        ``stored``: ``{"file": path relative to the checkpoint directory}`` of a file already
+        holding the block (the out-of-core flow's output shard), recorded (size, SHA-256)
+        instead of writing a second copy."""
         from .io import layer_entry
 
         layers = {name: layer_entry(m) for name, m in block.named_modules() if isinstance(m, QuantLinear)}
-        entry = _save_tensors(self.dir / f"block_{index:05d}.safetensors", block.state_dict())
+        if stored is None:
+            entry = _save_tensors(self.dir / f"block_{index:05d}.safetensors", block.state_dict())
+        else:
+            path = self.dir / stored["file"]
+            entry = {"file": stored["file"], "size": path.stat().st_size, "sha256": _file_sha256(path)}
         entry.update(block=index, layers=layers, reports=reports, extra=extra)
         new_inputs = list(self.inputs)
         if next_hidden is not None:
