@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLinear
+from .io import atomic_write as _atomic_write
 
 __all__ = ["BlockCheckpoints", "CheckpointError", "MANIFEST", "model_fingerprint", "run_arguments"]
 
@@ -99,23 +100,6 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` then fsync and rename onto ``path``; the temp file never survives."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> dict:

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -138,6 +138,23 @@ def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], c
     return path
 
 
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then fsync and rename onto ``path``; the temp file never survives."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def _move_into_place(tmp: Path, path: Path) -> None:
     """Renames the finished directory ``tmp`` onto ``path`` (replacing what is there)."""
     if path.exists():
@@ -185,13 +202,11 @@ class ShardedWriter:
         """Writes the shard file ``name`` (in the staging directory) atomically."""
         from safetensors.torch import save_file
 
-        from .checkpoint import _atomic_write
-
         if Path(name).name != name or not name.endswith(".safetensors"):
             raise ValueError(f"shard name must be a plain *.safetensors file name, got {name!r}")
         flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         file = self.staging / name
-        _atomic_write(file, lambda tmp: save_file(
+        atomic_write(file, lambda tmp: save_file(
             flat, tmp, metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)}))
         return file
 

@@ -68,9 +68,9 @@ class CheckpointTensors:
 
         self.dir = Path(directory)
         single, index = self.dir / WEIGHTS, self.dir / WEIGHTS_INDEX
+        weight_map = None
         if single.is_file():
             files = [WEIGHTS]
-            self.where = None
         elif index.is_file():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -93,6 +93,11 @@ class CheckpointTensors:
                         self.headers.setdefault(name, {})[key] = (sl.get_dtype(), list(sl.get_shape()))
             except Exception as e:  # safetensors raises its own error types
                 raise ValueError(f"{file}: unreadable safetensors file: {e}") from None
+        if weight_map is not None:  # the index says which tensors there are, and where
+            for key, name in weight_map.items():
+                if key not in self.headers[name]:
+                    raise ValueError(f"{self.dir / name}: {key!r} is missing (listed in {index})")
+            self.where = dict(weight_map)
 
     def keys(self):
         return self.where.keys()
