@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import time
@@ -220,6 +221,39 @@ def _outside_blocks_loaded_on_call(model: nn.Module, blocks: nn.ModuleList,
             _to_meta(m)
 
 
+def _return_freed_memory() -> None:
+    """Hands freed heap memory back to the OS (glibc ``malloc_trim``): without it the pages of a
+    dropped block stay resident in the allocator's arenas and the process grows as if it kept
+    them. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC = _LIBC if _LIBC and hasattr(_LIBC, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _map_large_allocations() -> None:
+    """glibc: allocations of 1 MiB and more get their own mapping, returned to the OS when
+    freed. Its default threshold adapts upwards to 32 MiB, after which the flow's large
+    temporaries (Hessian copies, dequantised candidates) are served from -- and kept in -- the
+    heap, growing the process by several blocks' worth over a block (measured: peak 737 MiB
+    instead of 569 MiB on 8 hidden-1024 blocks)."""
+    _return_freed_memory()  # loads the library
+    if _LIBC and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the adaptation)
+
+
+_LIBC = None
+
+
 class _StreamedBlocks:
     """The block source of :func:`_quantise_blocks` for the out-of-core flow: each block is a
     copy of the skeleton's, loaded from the checkpoint, written to its output shard when
@@ -258,8 +292,10 @@ class _StreamedBlocks:
         self.writer.write_shard(self.shard_names[bi], {prefix + k: v for k, v in tensors.items()})
         return None if self.staging_rel is None else {"file": f"{self.staging_rel}/{self.shard_names[bi]}"}
 
-    def release(self, bi: int, block: nn.Module) -> None:
-        pass  # the caller drops its reference; the skeleton's block stays on meta
+    def release(self, bi: int) -> None:
+        # the caller drops the last reference to the block (the skeleton's stays on meta)
+        gc.collect()
+        _return_freed_memory()
 
 
 def _outside_groups(model: nn.Module, blocks_path: str, tensors: CheckpointTensors):
@@ -345,6 +381,7 @@ def quantize_checkpoint(model_dir: Union[str, Path], out: Union[str, Path], over
 
 def _run_out_of_core(model_dir: Path, out: Path, overwrite: bool, extra, s: QuantizeSettings):
     started = time.perf_counter()
+    _map_large_allocations()
     dtype = torch.float32
     tensors = CheckpointTensors(model_dir)
     model = meta_skeleton(model_dir, dtype)
@@ -363,6 +400,7 @@ def _run_out_of_core(model_dir: Path, out: Path, overwrite: bool, extra, s: Quan
     with _outside_blocks_loaded_on_call(model, blocks, tensors, dtype):
         inputs = capture_block_inputs(model, local_batches(ids, batch_size), adapter, batch_size,
                                       s.device)
+    _return_freed_memory()  # the embeddings
     tally = _Tally()
     ckpt, start = _open_checkpoints(model, blocks, ids, plan, inputs, tally, s,
                                     model_fp=tensors.fingerprint(), restore=False)

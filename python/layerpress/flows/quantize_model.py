@@ -395,8 +395,8 @@ class _ModelBlocks:
         holds it (None: the checkpoint writes its own)."""
         return None
 
-    def release(self, bi: int, block: nn.Module) -> None:
-        """After block ``bi`` is stored and checkpointed."""
+    def release(self, bi: int) -> None:
+        """After block ``bi`` is stored and checkpointed (and the loop dropped it)."""
 
 
 def _quantise_blocks(source, adapter: ModelAdapter, inputs, plan: BitPlan, tally: _Tally, ckpt,
@@ -416,7 +416,8 @@ def _quantise_blocks(source, adapter: ModelAdapter, inputs, plan: BitPlan, tally
                             {"original_bytes": tally.original_bytes - before[1],
                              "quantized_bytes": tally.quantized_bytes - before[2]},
                             inputs.hidden if bi + 1 < n else None, stored=stored)
-        source.release(bi, block)
+        del block  # before the next one is loaded
+        source.release(bi)
         bar.update()
         if s.on_block_done is not None:
             s.on_block_done(bi)
@@ -568,6 +569,9 @@ def _quantise_block(block, bi: int, adapter: ModelAdapter, inputs, plan: BitPlan
         group = names[first:first + step]
         for name, (report, chosen[name]) in _quantise_linears(block, bi, group, lins, adapter,
                                                               hess, cap, plan, dev, s).items():
+            # only the packed tensors are swapped in: drop the unpacked codes and the
+            # dequantised weight now, not after the block (a block's worth of memory)
+            chosen[name].codes = chosen[name].weight = None
             tally.layers.append(report)
             if s.verbose:
                 print(f"  {report.name}: W{report.bits} {report.axis} rel.err "
