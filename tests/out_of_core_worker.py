@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,16 +25,22 @@ import layerpress  # noqa: E402,F401
 from layerpress.flows.out_of_core import quantize_checkpoint  # noqa: E402
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _rss_kib() -> int:
+    return _status_kib("VmRSS")
 
 
 def _peak_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # VmHWM: this process image's peak. Not getrusage's ru_maxrss: Linux carries the forked
+    # parent's peak across exec into it (a child of a large pytest process starts "large").
+    return _status_kib("VmHWM")
 
 
 def _ids(args: dict) -> torch.Tensor:
@@ -49,8 +54,9 @@ def main(argv):
     torch.set_num_threads(int(args.pop("threads_env", 1)))
     calib = _ids(args)
     if mode in ("rss", "whole"):
-        import transformers  # noqa: F401  (imported before the baseline, like the flows do)
+        import transformers
         from layerpress.flows import quantize_model, save_quantized
+        transformers.LlamaForCausalLM  # the modelling code, imported before the baseline by both
         base = _rss_kib()
         if mode == "rss":
             report = quantize_checkpoint(src, out, calib=calib, **args)
