@@ -132,6 +132,8 @@ def test_out_of_core_refusals(tmp_path):
         quantize_checkpoint(src, tmp_path / "o", calib=ids, allocation="knapsack")
     with pytest.raises(ValueError, match="hessian"):
         quantize_checkpoint(src, tmp_path / "o", calib=ids, bits=3.5, importance="hessian")
+    with pytest.raises(ValueError, match="adapter"):
+        quantize_checkpoint(src, tmp_path / "o", calib=ids, adapter=object())
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="exists"):
         quantize_checkpoint(src, tmp_path / "exists", calib=ids)

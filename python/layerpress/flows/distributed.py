@@ -125,6 +125,7 @@ def compute_by_owner(keys: Sequence[str], compute: Callable[[str], object],
         if src == me:
             out[k] = mine[k]
         else:
+            # full unpickling: the bytes come from this job's own rank, not from a file
             out[k] = torch.load(io.BytesIO(data.cpu().numpy().tobytes()),
                                 map_location=device or "cpu", weights_only=False)
     return out

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .calibration import capture_block_inputs, run_block
-from .distributed import local_batches, rank, world_size
+from .distributed import check_ranks_agree, local_batches, rank, world_size
 from .importance import lim_from_hidden, zd_score
 from .io import (CONFIG, WEIGHTS, WEIGHTS_INDEX, ShardedWriter, _dedupe, layer_entry,
                  quantization_config_of, read_json, saved_config)
@@ -361,7 +361,9 @@ def quantize_checkpoint(model_dir: Union[str, Path], out: Union[str, Path], over
     calibration, ``device``, ``checkpoint_dir``/``resume``, ...). ``extra`` is stored under
     ``quantization_config.extra`` (the report is added as ``extra["report"]`` when ``extra`` is
     None). Returns the report."""
-    kwargs.pop("adapter", None)
+    if kwargs.get("adapter") is not None:
+        raise ValueError("quantize_checkpoint builds its model from model_dir/config.json: adapter= "
+                         "cannot be given (the adapter is chosen by its model_type)")
     threads = kwargs.get("threads")
     s = QuantizeSettings(**kwargs)
     if s.allocation == "knapsack":
@@ -384,6 +386,7 @@ def _run_out_of_core(model_dir: Path, out: Path, overwrite: bool, extra, s: Quan
     _map_large_allocations()
     dtype = torch.float32
     tensors = CheckpointTensors(model_dir)
+    check_ranks_agree(checkpoint=tensors.fingerprint())  # distributed: the same model everywhere
     model = meta_skeleton(model_dir, dtype)
     adapter = adapter_for(model)
     blocks = adapter.blocks()
