@@ -14,6 +14,7 @@ import torch
 
 from layerpress import QuantLinear, QuantSpec, interop, norm_ops, norms, ops, wtacrs, wtacrs_ops
 from layerpress.flows import allocate, evaluate, importance, io, quantizers, quantize_model
+from layerpress.flows.out_of_core import quantize_checkpoint
 from lp_testutils import TypedOps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,7 @@ SIGNATURES = {
     "LoRALinear": wtacrs.LoRALinear, "apply_wtacrs": wtacrs.apply_wtacrs, "apply_lora": wtacrs.apply_lora,
     "budget": wtacrs_ops.budget,
     "quantize_model": quantize_model, "save_quantized": io.save_quantized,
+    "quantize_checkpoint": quantize_checkpoint,
     "load_quantized": io.load_quantized, "sentence_embeddings": evaluate.sentence_embeddings,
     "perplexity": evaluate.perplexity, "quality_of": evaluate.quality_of,
     "importance_vs_random_orders": evaluate.importance_vs_random_orders,

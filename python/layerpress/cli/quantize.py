@@ -103,6 +103,15 @@ def add_parser(sub) -> None:
                    help="save a checkpoint after every block to DIR (atomic writes)")
     q.add_argument("--resume", action="store_true",
                    help="continue the interrupted run checkpointed in --checkpoint-dir")
+    q.add_argument("--out-of-core", action="store_true",
+                   help="for models larger than memory: read the safetensors checkpoint one block "
+                        "at a time and write --out shard by shard (needs --out; no fp32 "
+                        "baseline, quality or speed measurement); under torchrun the ranks share "
+                        "the calibration and the quantisation, rank 0 writes")
+    q.add_argument("--device", metavar="DEV",
+                   help="where the block being quantised runs, e.g. cuda or cuda:1 (the others "
+                        "stay in CPU memory or, with --out-of-core, on disk; default: where the "
+                        "model is, the CPU)")
 
 
 def _forward_ms_pair(models, inputs: dict, rounds: int = 7) -> list:
@@ -165,6 +174,8 @@ def quantize(args) -> int:
             _matplotlib()
         except PlotsUnavailable as e:
             raise UsageError(f"--plots: {e}") from None
+    if args.out_of_core:
+        return _quantize_out_of_core(args, model_dir)
     import transformers
 
     from ..flows import quantize_model, save_quantized
@@ -205,7 +216,7 @@ def quantize(args) -> int:
                                     outliers=args.outliers, lorc_rank=args.lorc_rank,
                                     checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                     allocation=args.allocation, widths=args.widths,
-                                    clip=not args.no_clip)
+                                    clip=not args.no_clip, device=args.device)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}
@@ -257,4 +268,68 @@ def quantize(args) -> int:
         print(f"saved to {args.out} (safetensors + config.json; load with "
               f"layerpress.flows.load_quantized)")
     print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _init_distributed(device) -> None:
+    """Under torchrun (WORLD_SIZE > 1): the default process group, NCCL for CUDA, else gloo."""
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    cuda = device is not None and str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def _quantize_out_of_core(args, model_dir: Path) -> int:
+    """--out-of-core: flows.out_of_core.quantize_checkpoint, then the tokenizer beside it."""
+    if not args.out:
+        raise UsageError("--out-of-core writes the model as it goes: give --out DIR")
+    if args.compare:
+        raise UsageError("--out-of-core runs one configuration: it cannot be combined with --compare")
+    if args.allocation == "knapsack" or args.importance == "hessian":
+        raise UsageError("--allocation knapsack and --importance hessian need the whole model in "
+                         "memory: not available with --out-of-core")
+    if args.device and args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available")
+    import torch.distributed as dist
+    import transformers
+
+    from ..flows.distributed import rank
+    from ..flows.out_of_core import quantize_checkpoint
+
+    _init_distributed(args.device)
+    me = rank()
+    t0 = time.perf_counter()
+    tok = None
+    if (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.json").is_file():
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    calib = [Path(p) for p in args.calib] if args.calib else None
+    try:
+        report = quantize_checkpoint(
+            model_dir, args.out, overwrite=args.overwrite, bits=args.bits,
+            group_size=args.group_size, axis=args.axis, method=args.method,
+            importance=args.importance, calib=calib, tokenizer=tok, n_samples=args.n_samples,
+            seq_len=args.seq_len, seed=args.seed, select_with=args.select_with,
+            outliers=args.outliers, lorc_rank=args.lorc_rank, checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume, clip=not args.no_clip, device=args.device)
+    except (ValueError, NotImplementedError, FileExistsError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if me != 0:
+        return 0
+    if tok is not None:
+        tok.save_pretrained(args.out)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"report written to {args.report}")
+    print(report.summary())
+    print(f"saved to {args.out} (sharded safetensors + config.json; load with from_pretrained or "
+          f"layerpress.flows.load_quantized); done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -6,4 +6,5 @@ from .importance import lim_scores, zd_scores  # noqa: F401
 from .allocate import allocate_bits  # noqa: F401
 from .quantize_model import quantize_model, QuantReport  # noqa: F401
 from .io import save_quantized, load_quantized  # noqa: F401
+from .out_of_core import quantize_checkpoint  # noqa: F401
 from .evaluate import embedding_fidelity, perplexity, sentence_embeddings  # noqa: F401

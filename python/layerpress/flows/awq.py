@@ -35,6 +35,7 @@ from torch import nn
 
 from ..spec import QuantSpec
 from .calibration import BlockInputs, run_block, to_device
+from .distributed import all_reduce_sum
 from .models import ModelAdapter, ScalingGroup, get_submodule, weight_oi
 from .quantizers import rtn
 
@@ -124,6 +125,7 @@ def group_output_error(block: nn.Module, group: ScalingGroup, cap: "_Capture", w
             y = _first(mod(*a, **kw))
             err += (y.double() - ref.double()).pow(2).sum().item()
             cnt += ref.numel()
+        err, cnt = all_reduce_sum(err, cnt)  # distributed: over all ranks' batches
         return err / max(cnt, 1)
     finally:
         for n, w in keep.items():
@@ -176,6 +178,7 @@ def awq_block(block: nn.Module, adapter: ModelAdapter, inputs: BlockInputs, spec
     scales = {}
     for g in usable:
         c = caps[g]
+        c.abs_sum, c.sq_sum, c.n = all_reduce_sum(c.abs_sum, c.sq_sum, c.n)  # over all ranks
         mean_abs = (c.abs_sum / max(c.n, 1)).float().clamp_min(1e-8)
         hdiag = (2.0 * c.sq_sum / max(c.n, 1)).float()
         ws = {n: weight_oi(get_submodule(block, n)).detach().float().clone() for n in g.linears}

@@ -159,11 +159,11 @@ def _split_batches(input_ids: torch.Tensor, batch_size: int) -> List[torch.Tenso
 def _move_outside(model: nn.Module, blocks: nn.Module, device) -> None:
     inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
     for p in model.parameters():
-        if id(p) not in inside:
+        if id(p) not in inside and not p.is_meta:  # meta: not loaded (out-of-core skeleton)
             p.data = p.data.to(device)
     for mod in model.modules():
         for k, b in list(mod._buffers.items()):
-            if b is not None and id(b) not in inside:
+            if b is not None and id(b) not in inside and not b.is_meta:
                 mod._buffers[k] = b.to(device)
 
 
@@ -176,7 +176,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, adapter: Opt
     adapter = adapter or adapter_for(model)
     blocks = adapter.blocks()
     first = blocks[0]
-    home = next(model.parameters()).device
+    # where the model lives (parameters still on meta -- the out-of-core skeleton -- are not)
+    home = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     device = torch.device(device) if device is not None else home
     if device != home:  # only the non-block tensors: the blocks are not run here
         _move_outside(model, blocks, device)

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..nn import QuantLinear
+from .io import atomic_write as _atomic_write
 
 __all__ = ["BlockCheckpoints", "CheckpointError", "MANIFEST", "model_fingerprint", "run_arguments"]
 
@@ -99,23 +98,6 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` then fsync and rename onto ``path``; the temp file never survives."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> dict:
@@ -259,12 +241,19 @@ class BlockCheckpoints:
                                   f"cannot replay?): {e}") from None
 
     def save_block(self, index: int, block: nn.Module, reports: List[dict], extra: dict,
-                   next_hidden: Optional[List[torch.Tensor]]) -> None:
-        """Commits block ``index`` (quantised, in ``block``) and the inputs of the next block."""
+                   next_hidden: Optional[List[torch.Tensor]], stored: Optional[dict] = None) -> None:
+        """Commits block ``index`` (quantised, in ``block``) and the inputs of the next block.
+        ``stored``: ``{"file": path relative to the checkpoint directory}`` of a file already
+        holding the block (the out-of-core flow's output shard), recorded (size, SHA-256)
+        instead of writing a second copy."""
         from .io import layer_entry
 
         layers = {name: layer_entry(m) for name, m in block.named_modules() if isinstance(m, QuantLinear)}
-        entry = _save_tensors(self.dir / f"block_{index:05d}.safetensors", block.state_dict())
+        if stored is None:
+            entry = _save_tensors(self.dir / f"block_{index:05d}.safetensors", block.state_dict())
+        else:
+            path = self.dir / stored["file"]
+            entry = {"file": stored["file"], "size": path.stat().st_size, "sha256": _file_sha256(path)}
         entry.update(block=index, layers=layers, reports=reports, extra=extra)
         new_inputs = list(self.inputs)
         if next_hidden is not None:

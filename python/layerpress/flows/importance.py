@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .calibration import capture_block_inputs, run_block
+from .distributed import all_reduce_sum
 from .models import ModelAdapter, adapter_for, weight_oi
 from .progress import progress_bar
 
@@ -51,6 +52,7 @@ def lim_from_hidden(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tens
                                                   y.double().reshape(-1, y.shape[-1]), dim=-1)
         total += c.sum().item()
         count += c.numel()
+    total, count = all_reduce_sum(total, count)  # distributed: over all ranks' batches
     return -total / count
 
 

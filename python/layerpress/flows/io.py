@@ -26,18 +26,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..nn import SIDE_DTYPES, QuantLinear
 from ..spec import QuantSpec
-from .integrity import check_digests, digest_tensors, digests_entry, recorded_digests, tensor_digest
+from .integrity import (DIGEST_ALGORITHM, check_digests, digest_tensors, digests_entry, recorded_digests,
+                        tensor_digest)
 from .models import get_submodule, is_conv1d
 
 __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_entry",
-           "swap_in_quantlinears", "FORMAT_VERSION", "verify_directory"]
+           "swap_in_quantlinears", "FORMAT_VERSION", "verify_directory", "ShardedWriter"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -60,10 +61,15 @@ def quantization_config(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             layers[name] = layer_entry(m)
+    return quantization_config_of(layers, type(model).__name__)
+
+
+def quantization_config_of(layers: dict, model_class: str) -> dict:
+    """The ``quantization_config`` entry for the layer entries ``layers`` of a ``model_class``."""
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantise it first")
     return {"quant_method": "layerpress", "format_version": FORMAT_VERSION,
-            "model_class": type(model).__name__, "layers": layers}
+            "model_class": model_class, "layers": layers}
 
 
 def _dedupe(sd: dict):
@@ -91,6 +97,14 @@ def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = F
     qcfg["aliases"] = aliases
     if extra is not None:
         qcfg["extra"] = extra
+    cfg = saved_config(model, qcfg)
+    return write_checkpoint(path, tensors, cfg, overwrite=overwrite,
+                            metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)})
+
+
+def saved_config(model: nn.Module, qcfg: dict) -> dict:
+    """``config.json`` of a saved quantised model: its Hugging Face config with ``qcfg`` as
+    ``quantization_config``."""
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     if cfg.get("dtype") is None and cfg.get("torch_dtype") is None:
         # config-built models carry no dtype; without one, transformers' dtype="auto" would take
@@ -99,8 +113,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = F
         if floats:
             cfg["dtype"] = str(floats[0]).replace("torch.", "")
     cfg["quantization_config"] = qcfg
-    return write_checkpoint(path, tensors, cfg, overwrite=overwrite,
-                            metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)})
+    return cfg
 
 
 def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], config: dict,
@@ -124,21 +137,132 @@ def write_checkpoint(path: Union[str, Path], tensors: Dict[str, torch.Tensor], c
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
                   metadata=metadata or {"format": "pt"})
         for name, obj in {CONFIG: config, **(extra_json or {})}.items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=2, sort_keys=True, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+            _write_json(tmp / name, obj)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then fsync and rename onto ``path``; the temp file never survives."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Renames the finished directory ``tmp`` onto ``path`` (replacing what is there)."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, old / "x")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _write_json(file: Path, obj) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ShardedWriter:
+    """Writes a sharded checkpoint directory (``model-0000i-of-0000n.safetensors``,
+    ``model.safetensors.index.json``, ``config.json``: what :func:`load_quantized` and
+    ``from_pretrained`` read) one shard at a time, for a model that is never whole in memory.
+
+    Shards go into a staging directory: a fresh hidden one beside ``path`` (removed by
+    :meth:`abort`), or ``staging`` (kept across an interrupted run so that a resumed run reuses
+    the shards already written). Each shard is written under a temporary name, flushed and
+    renamed; :meth:`commit` writes the index and the config and only then renames the staging
+    directory onto ``path``, so ``path`` never holds a partial checkpoint."""
+
+    def __init__(self, path: Union[str, Path], overwrite: bool = False, staging=None):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists (pass overwrite=True to replace it)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.keep_staging = staging is not None
+        if staging is None:
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        else:
+            self.staging = Path(staging)
+            self.staging.mkdir(parents=True, exist_ok=True)
+            for stale in self.staging.glob(".*.tmp-*"):  # a shard write that was interrupted
+                stale.unlink(missing_ok=True)
+
+    def write_shard(self, name: str, tensors: Dict[str, torch.Tensor]) -> Path:
+        """Writes the shard file ``name`` (in the staging directory) atomically."""
+        from safetensors.torch import save_file
+
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise ValueError(f"shard name must be a plain *.safetensors file name, got {name!r}")
+        flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        file = self.staging / name
+        atomic_write(file, lambda tmp: save_file(
+            flat, tmp, metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)}))
+        return file
+
+    def commit(self, shards, config: dict) -> Path:
+        """Writes the index of the shard files ``shards`` (names, all written) and
+        ``config.json``, then moves the directory into place. Returns ``path``. A layerpress
+        ``quantization_config`` gets the digests of the tensors as the shards hold them (read
+        back one shard at a time, so shards of an interrupted run are covered too)."""
+        from safetensors import safe_open
+
+        weight_map, total, digests = {}, 0, {}
+        for name in shards:
+            file = self.staging / name
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: shard missing at commit")
+            with safe_open(str(file), framework="pt") as h:
+                for key in h.keys():
+                    if key in weight_map:
+                        raise ValueError(f"{key!r} is in two shards ({weight_map[key]}, {name})")
+                    weight_map[key] = name
+                    digests[key] = tensor_digest(h.get_tensor(key))
+            total += file.stat().st_size
+        qcfg = config.get("quantization_config")
+        if isinstance(qcfg, dict) and qcfg.get("quant_method") == "layerpress":
+            config = {**config, "quantization_config": {
+                **qcfg, "digests": {"algorithm": DIGEST_ALGORITHM, "tensors": digests}}}
+        unlisted = sorted(f.name for f in self.staging.glob("*.safetensors") if f.name not in set(shards))
+        for name in unlisted:  # e.g. shards of an earlier layout of an interrupted run
+            (self.staging / name).unlink()
+        _write_json(self.staging / WEIGHTS_INDEX, {"metadata": {"total_size": total},
+                                                   "weight_map": dict(sorted(weight_map.items()))})
+        _write_json(self.staging / CONFIG, config)
+        try:
+            _move_into_place(self.staging, self.path)
+        except OSError:  # the staging directory is on another file system
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+            try:
+                shutil.copytree(self.staging, tmp, dirs_exist_ok=True)
+                _move_into_place(tmp, self.path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        """Removes a fresh staging directory (a kept one stays for the resume)."""
+        if not self.keep_staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def read_json(path: Path) -> dict:

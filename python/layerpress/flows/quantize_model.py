@@ -31,6 +31,8 @@ from ..spec import BITS, QuantSpec
 from .allocate import allocate_bits, allocate_knapsack, hawq_layer_errors, measure_layer_errors
 from .calibration import (capture_block_inputs, default_calibration_shape, default_texts,
                           load_texts, run_block, tokenize_texts)
+from .distributed import (all_reduce_sum, check_ranks_agree, compute_by_owner, local_batches,
+                          world_size)
 from .importance import hessian_scores, hessian_traces, importance_order, lim_scores, zd_scores
 from .models import ModelAdapter, adapter_for, get_submodule, is_conv1d, weight_oi
 from .progress import progress_bar
@@ -187,8 +189,8 @@ def _ids_fingerprint(ids: torch.Tensor) -> str:
 
 def _importance_scores(importance, model, ids, adapter, batch_size, device, seed,
                        progress: Optional[bool] = None) -> List[float]:
-    if importance == "lim":
-        return lim_scores(model, ids, adapter, batch_size, device)
+    if importance == "lim":  # each rank its own batches; the cosines are summed over the ranks
+        return lim_scores(model, local_batches(ids, batch_size), adapter, batch_size, device)
     if importance == "zd":
         return zd_scores(model, adapter)
     if importance == "hessian":
@@ -367,29 +369,63 @@ def _run(model: nn.Module, s: QuantizeSettings) -> QuantReport:
     scoring = _score_importance(model, adapter, blocks, ids, batch_size, s)
     plan = _allocate_bits(model, adapter, blocks, ids, batch_size, scoring, s)
 
-    inputs = capture_block_inputs(model, ids, adapter, batch_size, s.device)
+    inputs = capture_block_inputs(model, local_batches(ids, batch_size), adapter, batch_size,
+                                  s.device)
     tally = _Tally()
     ckpt, start = _open_checkpoints(model, blocks, ids, plan, inputs, tally, s)
-    bar = progress_bar(len(blocks), f"quantising ({s.method})", s.progress, "block")
+    _quantise_blocks(_ModelBlocks(blocks), adapter, inputs, plan, tally, ckpt, start, s)
+    model.train(was_training)
+    return _report(model, adapter, plan, tally, ids, started, s)
+
+
+class _ModelBlocks:
+    """Where :func:`_quantise_blocks` gets each block and puts it back: here the blocks of the
+    model in memory, quantised in place. The out-of-core flow (flows/out_of_core.py) loads each
+    from the checkpoint's shards, writes it to the output shard and frees it instead."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def load(self, bi: int) -> nn.Module:
+        return self.blocks[bi]
+
+    def store(self, bi: int, block: nn.Module) -> Optional[dict]:
+        """After block ``bi`` is quantised; returns the checkpoint entry of a file that already
+        holds it (None: the checkpoint writes its own)."""
+        return None
+
+    def release(self, bi: int) -> None:
+        """After block ``bi`` is stored and checkpointed (and the loop dropped it)."""
+
+
+def _quantise_blocks(source, adapter: ModelAdapter, inputs, plan: BitPlan, tally: _Tally, ckpt,
+                     start: int, s: QuantizeSettings) -> None:
+    """The block loop both flows share: per block from ``start`` on, load it, quantise it
+    (:func:`_quantise_block`), store it, checkpoint it, release it."""
+    n = len(source)
+    bar = progress_bar(n, f"quantising ({s.method})", s.progress, "block")
     bar.update(start)
-    for bi, block in enumerate(blocks):
-        if bi < start:
-            continue
+    for bi in range(start, n):
+        block = source.load(bi)
         before = (len(tally.layers), tally.original_bytes, tally.quantized_bytes)
         _quantise_block(block, bi, adapter, inputs, plan, tally, s)
+        stored = source.store(bi, block)
         if ckpt is not None:
             ckpt.save_block(bi, block, [asdict(r) for r in tally.layers[before[0]:]],
                             {"original_bytes": tally.original_bytes - before[1],
                              "quantized_bytes": tally.quantized_bytes - before[2]},
-                            inputs.hidden if bi + 1 < len(blocks) else None)
+                            inputs.hidden if bi + 1 < n else None, stored=stored)
+        del block  # before the next one is loaded
+        source.release(bi)
         bar.update()
         if s.on_block_done is not None:
             s.on_block_done(bi)
     bar.close()
     if ckpt is not None:
         ckpt.finish()
-    model.train(was_training)
-    return _report(model, adapter, plan, tally, ids, started, s)
 
 
 def _calibrate(adapter: ModelAdapter, s: QuantizeSettings):
@@ -399,6 +435,7 @@ def _calibrate(adapter: ModelAdapter, s: QuantizeSettings):
                                                           s.align)
     ids = calibration_ids(s.calib, s.tokenizer, n_samples, seq_len, s.seed, align)
     batch_size = s.batch_size if s.batch_size is not None else max(1, 1024 // int(ids.shape[1]))
+    check_ranks_agree(settings=s.recorded(), calibration_data=_ids_fingerprint(ids))
     return ids, batch_size
 
 
@@ -441,9 +478,16 @@ class _Scoring:
     traces: object = None              # HessianTraces (knapsack with importance="hessian")
 
 
-def _score_importance(model, adapter, blocks, ids, batch_size, s: QuantizeSettings) -> _Scoring:
+def _score_importance(model, adapter, blocks, ids, batch_size, s: QuantizeSettings,
+                      scores_of=None) -> _Scoring:
     """Block importance where the allocation needs it (or reports it): none for a whole number
-    of bits under ``allocation="order"``; ``block_order`` replaces it when given."""
+    of bits under ``allocation="order"``; ``block_order`` replaces it when given.
+    ``scores_of(importance)``: the block scores (default :func:`_importance_scores` on the
+    model in memory; the out-of-core flow streams the blocks)."""
+    if scores_of is None:
+        def scores_of(importance):
+            return _importance_scores(importance, model, ids, adapter, batch_size, s.device,
+                                      s.seed, s.progress)
     if s.allocation == "knapsack":
         if s.importance == "hessian":  # HAWQ-V3: per-linear average traces (and block scores)
             traces = hessian_traces(model, ids, adapter, batch_size=batch_size, device=s.device,
@@ -451,8 +495,7 @@ def _score_importance(model, adapter, blocks, ids, batch_size, s: QuantizeSettin
             return _Scoring(traces.block, s.importance, traces=traces)
         scores = None
         if s.importance is not None:  # only reported (and plotted)
-            scores = _importance_scores(s.importance, model, ids, adapter, batch_size, s.device,
-                                        s.seed, s.progress)
+            scores = scores_of(s.importance)
         return _Scoring(scores, s.importance)
     if _whole_bits(s):
         return _Scoring()
@@ -462,8 +505,7 @@ def _score_importance(model, adapter, blocks, ids, batch_size, s: QuantizeSettin
             raise ValueError(f"block_order must be a permutation of 0..{len(blocks) - 1}, "
                              f"got {list(s.block_order)}")
         return _Scoring(importance="given order", order=order)
-    scores = _importance_scores(s.importance, model, ids, adapter, batch_size, s.device, s.seed,
-                                s.progress)
+    scores = scores_of(s.importance)
     return _Scoring(scores, s.importance, order=importance_order(scores, s.importance))
 
 
@@ -501,18 +543,24 @@ def _allocate_bits(model, adapter, blocks, ids, batch_size, scoring: _Scoring,
 
 
 def _open_checkpoints(model, blocks, ids, plan: BitPlan, inputs, tally: _Tally,
-                      s: QuantizeSettings):
+                      s: QuantizeSettings, model_fp: Optional[str] = None, restore: bool = True):
     """Per-block checkpoints (flows/checkpoint.py), or ``(None, 0)`` without ``checkpoint_dir``;
-    on resume the finished blocks are restored into ``blocks`` and ``tally``. Returns the
+    on resume the finished blocks are restored into ``blocks`` (unless ``restore`` is False: the
+    out-of-core flow's finished blocks are already in its output shards) and ``tally``.
+    ``model_fp``: the model's fingerprint when it cannot be hashed from memory. Returns the
     checkpoints and the first block still to do."""
     if s.checkpoint_dir is None:
         return None, 0
+    if world_size() > 1:
+        raise ValueError("checkpoint_dir (--checkpoint-dir, --resume) is not supported in a "
+                         "distributed run: each rank holds only its share of the block inputs")
     from .checkpoint import BlockCheckpoints, model_fingerprint
-    ckpt = BlockCheckpoints(s.checkpoint_dir, s.recorded(), model_fingerprint(model),
+    ckpt = BlockCheckpoints(s.checkpoint_dir, s.recorded(), model_fp or model_fingerprint(model),
                             _ids_fingerprint(ids), len(blocks), plan.block_bits)
     start, hidden, done = ckpt.begin(s.resume)
     for entry in done:
-        ckpt.restore_block(blocks[entry["block"]], entry)
+        if restore:
+            ckpt.restore_block(blocks[entry["block"]], entry)
         tally.layers += [LayerReport(**r) for r in entry["reports"]]
         tally.original_bytes += entry["extra"]["original_bytes"]
         tally.quantized_bytes += entry["extra"]["quantized_bytes"]
@@ -536,14 +584,22 @@ def _quantise_block(block, bi: int, adapter: ModelAdapter, inputs, plan: BitPlan
                                        s.scale_dtype, plan.block_bits, plan.layer_bits, s.clip)
     _check_finite_inputs(inputs.hidden, adapter, bi)
     hess, cap = _capture(block, lins, adapter, inputs, dev, s.axis)
+    for h in hess.values():  # distributed: the Hessians of all ranks' calibration batches
+        h.H, h.n = all_reduce_sum(h.H, h.n)
     chosen = {}
-    for name, m in lins.items():
-        report, chosen[name] = _quantise_linear(block, bi, name, m, adapter, hess[name], cap,
-                                                plan, s)
-        tally.layers.append(report)
-        if s.verbose:
-            print(f"  {report.name}: W{report.bits} {report.axis} rel.err {report.rel_error:.4f} "
-                  f"{report.axis_mse if report.axis_mse else ''}")
+    names = list(lins)
+    step = world_size()  # distributed: one linear per rank at a time, each by its owner
+    for first in range(0, len(names), step):
+        group = names[first:first + step]
+        for name, (report, chosen[name]) in _quantise_linears(block, bi, group, lins, adapter,
+                                                              hess, cap, plan, dev, s).items():
+            # only the packed tensors are swapped in: drop the unpacked codes and the
+            # dequantised weight now, not after the block (a block's worth of memory)
+            chosen[name].codes = chosen[name].weight = None
+            tally.layers.append(report)
+            if s.verbose:
+                print(f"  {report.name}: W{report.bits} {report.axis} rel.err "
+                      f"{report.rel_error:.4f} {report.axis_mse if report.axis_mse else ''}")
     for name, res in chosen.items():
         orig, quant = _swap(block, name, lins[name], res)
         tally.original_bytes += orig
@@ -578,43 +634,67 @@ def _capture(block, lins, adapter: ModelAdapter, inputs, dev, axis: str):
     return hess, cap
 
 
-def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, cap,
-                     plan: BitPlan, s: QuantizeSettings):
-    """Quantises one linear: the candidate axes, the one with the lower output error at the
-    adapter's measurement point (AdaDim), then ``method`` on it. Returns its report entry and
-    the chosen result."""
-    W = weight_oi(m).detach().float().clone()
-    n, k = W.shape
-    Hraw = hess.H.float()  # Σ xxᵀ
-    H = hess.hessian()
-    full = f"{adapter.block_name(bi)}.{name}"
-    if not bool(torch.isfinite(hess.H).all()):
-        raise ValueError(f"{full}: its calibration inputs hold NaN/Inf (inside {adapter.block_name(bi)}); "
-                         "stopping (check the model's weights and dtype, e.g. fp16 overflow)")
-    specs = _candidate_specs(s.axis, plan.width(full, bi), s.group_size, s.symmetric,
-                             s.scale_dtype, n, k)
+def _quantise_linears(block, bi: int, names, lins, adapter: ModelAdapter, hess, cap,
+                      plan: BitPlan, dev, s: QuantizeSettings):
+    """Quantises the linears ``names`` of the block: the candidate axes, the one with the lower
+    output error at the adapter's measurement point (AdaDim), then ``method`` on it. Each
+    linear's quantisers run on one rank (all of them in one process, flows/distributed.py);
+    the measurement runs on every rank's calibration batches. Returns ``{name: (report entry,
+    chosen result)}``."""
     sel = s.method if s.select_with == "applied" else "rtn"
-    try:
-        results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
-    except ValueError as e:  # e.g. a scale overflowing scale_dtype: say which layer
-        raise ValueError(f"{full}: {e}") from None
-    point = adapter.measure_point(name)
-    mse = {}
-    if len(results) > 1:
-        mse = _axis_errors(results, W, m, block, name, point, hess, Hraw, cap)
-        best = min(mse, key=lambda a: (mse[a], a != "oc"))
-    else:
-        best = next(iter(results))
-    res = results[best]
+
+    def weight(name):
+        return weight_oi(lins[name]).detach().float().clone()
+
+    def full(name):
+        return f"{adapter.block_name(bi)}.{name}"
+
+    def candidates(name):
+        W = weight(name)
+        n, k = W.shape
+        if not bool(torch.isfinite(hess[name].H).all()):
+            raise ValueError(f"{full(name)}: its calibration inputs hold NaN/Inf (inside "
+                             f"{adapter.block_name(bi)}); stopping (check the model's weights and "
+                             "dtype, e.g. fp16 overflow)")
+        specs = _candidate_specs(s.axis, plan.width(full(name), bi),
+                                 s.group_size, s.symmetric, s.scale_dtype, n, k)
+        H = hess[name].hessian()
+        try:
+            return {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+        except ValueError as e:  # e.g. a scale overflowing scale_dtype: say which layer
+            raise ValueError(f"{full(name)}: {e}") from None
+
+    results = compute_by_owner(names, candidates, dev)
+    picked = {}
+    for name in names:
+        point = adapter.measure_point(name)
+        mse = {}
+        if len(results[name]) > 1:
+            mse = _axis_errors(results[name], weight(name), lins[name], block, name, point,
+                               hess[name], hess[name].H.float(), cap)
+            best = min(mse, key=lambda a: (mse[a], a != "oc"))
+        else:
+            best = next(iter(results[name]))
+        picked[name] = (best, mse, point)
     if sel != s.method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
-        res = _quantise_side(W, res.spec, s.method, H, s.act_order, s.side, s.clip)
-    num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
-    den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
-    rel = (num / den).item()
-    if s.verbose and res.damp is not None and res.damp > 0.01:
-        print(f"  {full}: Hessian not positive definite, dampening raised to {res.damp:g}")
-    return LayerReport(full, bi, res.spec.bits, best, s.group_size, s.method, k, n, rel, mse,
-                       point, gptq_damp=res.damp), res
+        final = compute_by_owner(names, lambda name: _quantise_side(
+            weight(name), results[name][picked[name][0]].spec, s.method, hess[name].hessian(),
+            s.act_order, s.side, s.clip), dev)
+    else:
+        final = {name: results[name][picked[name][0]] for name in names}
+    out = {}
+    for name in names:
+        best, mse, point = picked[name]
+        res, W, Hraw = final[name], weight(name), hess[name].H.float()  # Hraw: Σ xxᵀ
+        n, k = W.shape
+        num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
+        den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
+        rel = (num / den).item()
+        if s.verbose and res.damp is not None and res.damp > 0.01:
+            print(f"  {full(name)}: Hessian not positive definite, dampening raised to {res.damp:g}")
+        out[name] = (LayerReport(full(name), bi, res.spec.bits, best, s.group_size, s.method, k, n,
+                                 rel, mse, point, gptq_damp=res.damp), res)
+    return out
 
 
 def _axis_errors(results: Dict[str, QuantResult], W, m, block, name: str, point: str, hess,
@@ -638,6 +718,7 @@ def _axis_errors(results: Dict[str, QuantResult], W, m, block, name: str, point:
                 y = _first(mod(*a_, **kw_))
                 err += (y.float() - ref.float()).pow(2).sum().item()
                 cnt += ref.numel()
+            err, cnt = all_reduce_sum(err, cnt)  # distributed: over all ranks' batches
             mse[a] = err / cnt
         finally:
             view.copy_(keep)
@@ -660,9 +741,15 @@ def _swap(block, name: str, m, res: QuantResult):
 
 
 def _report(model, adapter: ModelAdapter, plan: BitPlan, tally: _Tally, ids, started: float,
-            s: QuantizeSettings) -> QuantReport:
+            s: QuantizeSettings, filled: bool = False) -> QuantReport:
+    """The run's report; ``filled``: the layers' ``effective_bits`` are already set (the
+    out-of-core flow sets them per block, its model holds no quantised layers)."""
     from .report import fill_effective_bits
-    eff = fill_effective_bits(model, tally.layers)
+    if filled:
+        w = [lay.in_features * lay.out_features for lay in tally.layers]
+        eff = sum(lay.effective_bits * n for lay, n in zip(tally.layers, w)) / max(sum(w), 1)
+    else:
+        eff = fill_effective_bits(model, tally.layers)
     return QuantReport(
         model_type=adapter.config.model_type, method=s.method, bits_target=float(s.bits),
         group_size=s.group_size, axis=s.axis, importance=plan.importance,
