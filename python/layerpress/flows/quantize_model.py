@@ -57,6 +57,7 @@ class LayerReport:
     axis_mse: Dict[str, float] = field(default_factory=dict)  # AdaDim: MSE at the measurement point
     measure_point: str = ""
     effective_bits: float = 0.0  # stored bits (codes, scales, zeros, side paths) per weight
+    rotation: str = "none"    # "hadamard": the weight was quantised as W·R (flows/rotation.py)
 
 
 @dataclass
@@ -215,7 +216,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    checkpoint_dir=None, resume: bool = False,
                    on_block_done=None, allocation: str = "order", widths=None,
                    clip: bool = True, align: Optional[bool] = None,
-                   block_order=None, progress: Optional[bool] = None) -> QuantReport:
+                   block_order=None, progress: Optional[bool] = None,
+                   rotate: str = "none", rotate_block: int = 128) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
@@ -245,7 +247,13 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     each, shaped like the sentences an encoder embeds), causal LMs 32 random windows of 64
     tokens; ``batch_size`` (sequences per forward) defaults to about 1024 tokens' worth.
     ``block_order``: blocks least important first, used instead of ``importance`` by the
-    fractional-bit allocation (e.g. a random order as a baseline)."""
+    fractional-bit allocation (e.g. a random order as a baseline).
+
+    Rotation (flows/rotation.py): ``rotate="hadamard"`` quantises every linear as ``W·R`` (a
+    randomised block Walsh–Hadamard rotation of blocks of ``rotate_block``, or the largest power
+    of two below it dividing K) with GPTQ on ``RᵀHR`` (RTN, AWQ-scaled weights and the clipping
+    search likewise in the rotated basis); ``"auto"`` measures the rotated and unrotated
+    candidates of each linear together with AdaDim's axes and keeps the lowest output error."""
     settings = QuantizeSettings(**{k: v for k, v in locals().items() if k != "model"})
     old = torch.get_num_threads()
     if threads is not None:
@@ -295,6 +303,8 @@ class QuantizeSettings:
     align: Optional[bool] = None
     block_order: Optional[Sequence[int]] = None
     progress: Optional[bool] = None
+    rotate: str = "none"
+    rotate_block: int = 128
 
     def __post_init__(self):
         check_side_args(self.outliers, self.lorc_rank, self.side_dtype, self.outlier_criterion)
@@ -309,6 +319,7 @@ class QuantizeSettings:
             raise ValueError(f"bits must be a positive number, got {bits!r}")
         if self.allocation not in ("order", "knapsack"):
             raise ValueError(f"allocation must be 'order' or 'knapsack', got {self.allocation!r}")
+        _check_rotate(self)
 
     @property
     def side(self) -> dict:
@@ -511,7 +522,8 @@ def _quantise_block(block, bi: int, adapter: ModelAdapter, inputs, plan: BitPlan
     if s.method.startswith("awq") and s.axis != "ic":  # per-IC groups are scale-invariant
         tally.awq_groups += _awq_block(block, bi, adapter, inputs, dev, s.group_size, s.symmetric,
                                        s.scale_dtype, plan.block_bits, plan.layer_bits, s.clip)
-    hess, cap = _capture(block, lins, adapter, inputs, dev, s.axis)
+    # rotate="auto" measures its candidates like axis="auto" does
+    hess, cap = _capture(block, lins, adapter, inputs, dev, "auto" if s.rotate == "auto" else s.axis)
     chosen = {}
     for name, m in lins.items():
         report, chosen[name] = _quantise_linear(block, bi, name, m, adapter, hess[name], cap,
@@ -554,6 +566,41 @@ def _capture(block, lins, adapter: ModelAdapter, inputs, dev, axis: str):
     return hess, cap
 
 
+def _check_rotate(s: QuantizeSettings) -> None:
+    from .rotation import ROTATE_CHOICES
+    if s.rotate not in ROTATE_CHOICES:
+        raise ValueError(f"rotate must be one of {ROTATE_CHOICES}, got {s.rotate!r}")
+    b = s.rotate_block
+    if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ValueError(f"rotate_block must be a power of two >= 16, got {b!r}")
+    if s.rotate != "none" and (s.outliers or s.lorc_rank):
+        raise ValueError("rotate is not supported together with outliers/lorc_rank (the side paths "
+                         "act on the unrotated input)")
+
+
+def _rotation_candidates(specs: List[QuantSpec], W, H, method: str, s: QuantizeSettings, full: str):
+    """{key: result} of the rotated candidates of ``specs`` (keys "oc+hadamard", ...); empty for
+    rotate="none" or when no rotation block fits K."""
+    from .rotation import layer_seed, quantise_rotated, rotated_spec
+    if s.rotate == "none":
+        return {}
+    out = {}
+    for sp in specs:
+        rs = rotated_spec(sp, W.shape[1], s.rotate_block, layer_seed(s.seed, full))
+        if rs is not None:
+            out[f"{sp.axis}+hadamard"] = quantise_rotated(
+                W, H, rs, lambda w_, sp_, h_: _quantise(w_, sp_, method, h_, s.act_order, s.clip))
+    return out
+
+
+def _quantise_candidate(W, spec: QuantSpec, method: str, H, s: QuantizeSettings):
+    """One candidate's quantisation, in the rotated basis when ``spec`` has a rotation."""
+    if spec.rotated:
+        from .rotation import quantise_rotated
+        return quantise_rotated(W, H, spec, lambda w_, sp_, h_: _quantise(w_, sp_, method, h_, s.act_order, s.clip))
+    return _quantise_side(W, spec, method, H, s.act_order, s.side, s.clip)
+
+
 def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, cap,
                      plan: BitPlan, s: QuantizeSettings):
     """Quantises one linear: the candidate axes, the one with the lower output error at the
@@ -567,7 +614,11 @@ def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, 
     specs = _candidate_specs(s.axis, plan.width(full, bi), s.group_size, s.symmetric,
                              s.scale_dtype, n, k)
     sel = s.method if s.select_with == "applied" else "rtn"
-    results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    results = {} if s.rotate == "hadamard" else {
+        sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    results.update(_rotation_candidates(specs, W, H, sel, s, full))
+    if not results:  # rotate="hadamard" but no block fits K: this linear stays unrotated
+        results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
     point = adapter.measure_point(name)
     mse = {}
     if len(results) > 1:
@@ -577,12 +628,12 @@ def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, 
         best = next(iter(results))
     res = results[best]
     if sel != s.method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
-        res = _quantise_side(W, res.spec, s.method, H, s.act_order, s.side, s.clip)
+        res = _quantise_candidate(W, res.spec, s.method, H, s)
     num = _quad(W - res.weight, Hraw).clamp_min(0).sqrt()
     den = _quad(W, Hraw).clamp_min(1e-30).sqrt()
     rel = (num / den).item()
-    return LayerReport(full, bi, res.spec.bits, best, s.group_size, s.method, k, n, rel, mse,
-                       point), res
+    return LayerReport(full, bi, res.spec.bits, res.spec.axis, s.group_size, s.method, k, n, rel, mse,
+                       point, rotation=res.spec.rotation), res
 
 
 def _axis_errors(results: Dict[str, QuantResult], W, m, block, name: str, point: str, hess,
@@ -618,7 +669,8 @@ def _swap(block, name: str, m, res: QuantResult):
     bias = None if getattr(m, "bias", None) is None else m.bias.detach()
     side_paths = getattr(res, "side", None)
     q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias,
-                                   **(side_paths.kwargs() if side_paths else {}))
+                                   **(side_paths.kwargs() if side_paths else {}),
+                                   rot_signs=getattr(res, "rot_signs", None))
     q._lp_conv1d = is_conv1d(m)  # recorded in the saved config
     quant = _bytes(res.qweight) + _bytes(res.scales) + _bytes(res.zeros)
     quant += side_paths.nbytes() if side_paths else 0
