@@ -247,3 +247,35 @@ def test_exporters_refuse_rotated_layers(tmp_path):
     with pytest.raises(ValueError, match="is rotated"):
         export_gptq(model, tmp_path / "gptq")
     assert not (tmp_path / "awq").exists() and not (tmp_path / "gptq").exists()
+
+
+# ---- folded rotations (QuaRot) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
+def test_fold_rotations_keeps_the_outputs(family):
+    """Pre-RMSNorm decoders directly, Pre-LN GPT-2/OPT through the Pre-RMSNorm conversion: the
+    folded fp32 model's logits equal the original's to fp32 rounding (folding computed in fp64)."""
+    from layerpress.flows.rotation import fold_rotations
+    model = tiny_model(family)
+    ids = calib_ids(2, 16)
+    y0 = _out(model, ids)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    info = fold_rotations(model, seed=3)
+    assert info["residual_block"] == 128 and info["head_layers"] == (0 if family == "gpt2" else 2)
+    y1 = _out(model, ids)
+    err = (y1 - y0).abs().max() / y0.abs().max()
+    assert err < 1e-5, err.item()
+    # the rotation really happened: the embeddings are mixed, their norms kept
+    emb1 = model.get_input_embeddings().weight.detach()
+    assert (emb1 - emb0).abs().max() > 0.1 * emb0.abs().max()
+    torch.testing.assert_close(emb1.norm(dim=1), (emb0 - (emb0.mean(1, keepdim=True) if family in ("gpt2", "opt")
+                                                          else 0)).norm(dim=1), rtol=1e-5, atol=1e-6)
+    # and the folded model quantises like any other
+    rep = quantize_model(model, bits=4, calib=calib_ids(), method="gptq", axis="oc")
+    assert all(layer.rel_error < 0.2 for layer in rep.layers)
+
+
+def test_fold_rotations_refuses_unsupported_models():
+    from layerpress.flows.rotation import fold_rotations
+    with pytest.raises(NotImplementedError, match="no norm adapter for model_type 'bert'"):
+        fold_rotations(tiny_model("bert"))
