@@ -20,6 +20,7 @@ from torch.library import opcheck
 import layerpress
 from layerpress import QuantSpec, ops
 from layerpress.ops.rotation import hadamard, random_signs
+from cuda_testutils import assert_same_bits
 from lp_testutils import TypedOps, quantized, raw_error_contract
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -265,3 +266,40 @@ def test_rotated_gemm_errors():
         ops.gemm(x, nq, ns, nz, None, spec, n, rot_signs=random_signs(k, 0))
     with pytest.raises(ValueError, match=r"rot_signs must have shape \[128\]"):
         ops.gemm_t(torch.randn(3, n), nq, ns, nz, spec, n, rot_signs=random_signs(n, 0), rot_block=32)
+
+
+# ---- CUDA (marked gpu: skipped without a GPU; run by scripts/gpu_check.sh) -----------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,block", [(48, 16), (384, 128), (2048, 512), (4096, 4096), (16384, 16384)],
+                         ids=["k48-b16", "k384-b128", "k2048-b512", "k4096-b4096", "k16384-b16384"])
+def test_cuda_matches_cpu_bitwise(monkeypatch, dtype, k, block):
+    """The CUDA kernel runs the portable CPU variant's stages in the same order: same bits."""
+    monkeypatch.setenv("LAYERPRESS_CPU_HADAMARD_KERNEL", "generic")
+    x = torch.randn(33, k + 8).to(dtype)[:, 8:]
+    s = random_signs(k, block)
+    for transpose in (False, True):
+        got = hadamard(x.cuda(), block, s.cuda(), transpose)
+        assert got.device.type == "cuda"
+        assert_same_bits(got, hadamard(x, block, s, transpose), f"{dtype} T={transpose}")
+
+
+@pytest.mark.gpu
+def test_cuda_rotated_gemm_matches_cpu():
+    """On CUDA the rotation is a separate hadamard launch before gemm (after gemm_t): the same as
+    the canonical-layout GEMM of the rotated activation, and close to the CPU op."""
+    from layerpress import Layout
+    spec, n, k, block = QuantSpec(4, 128, "oc", False, torch.float16), 96, 512, 128
+    codes, s, z, q, _ = quantized(spec, n, k)
+    signs = random_signs(k, 2)
+    x = torch.randn(7, k, dtype=torch.float16)
+    dev = lambda t: None if t is None else t.cuda()  # noqa: E731
+    canon = int(Layout.CANONICAL)
+    y = ops.gemm(x.cuda(), dev(q), dev(s), dev(z), None, spec, n, canon, rot_signs=signs.cuda(), rot_block=block)
+    y_ref = ops.gemm(hadamard(x.cuda(), block, signs.cuda()), dev(q), dev(s), dev(z), None, spec, n, canon)
+    assert torch.equal(y, y_ref)
+    g = torch.randn(7, n, dtype=torch.float16)
+    gt = ops.gemm_t(g.cuda(), dev(q), dev(s), dev(z), spec, n, canon, rot_signs=signs.cuda(), rot_block=block)
+    gt_ref = hadamard(ops.gemm_t(g.cuda(), dev(q), dev(s), dev(z), spec, n, canon), block, signs.cuda(), transpose=True)
+    assert torch.equal(gt, gt_ref)
