@@ -11,30 +11,7 @@
 namespace layerpress {
 namespace {
 
-struct BF16 { uint16_t v; };
-struct F16 { uint16_t v; };
-
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  using Acc = float;
-  static float ld(float v) { return v; }
-  static float st(float v) { return v; }
-};
-template <> struct Elem<double> {
-  using Acc = double;
-  static double ld(double v) { return v; }
-  static double st(double v) { return v; }
-};
-template <> struct Elem<BF16> {
-  using Acc = float;
-  static float ld(BF16 v) { return bf16_to_f32(v.v); }
-  static BF16 st(float v) { return BF16{f32_to_bf16(v)}; }
-};
-template <> struct Elem<F16> {
-  using Acc = float;
-  static float ld(F16 v) { return f16_to_f32(v.v); }
-  static F16 st(float v) { return F16{f32_to_f16(v)}; }
-};
+#include "cpu_elem.inc"
 
 template <typename Acc>
 void fwht(Acc* v, int64_t n) {
@@ -77,16 +54,13 @@ void run_t(const HadamardArgs& a, const ParallelFor& pf) {
 }
 
 bool always() { return true; }
-bool has_avx2() {
+// The SIMD variants also convert fp16 with F16C.
+bool has_f16c() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("f16c");
 }
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
+bool avx2_f16c() { return cpu_has_avx2() && has_f16c(); }
+bool avx512_f16c() { return cpu_has_avx512() && has_f16c(); }
 
 }  // namespace
 
@@ -103,8 +77,8 @@ void hadamard_generic(const HadamardArgs& a, const ParallelFor& pf) {
 const std::vector<CpuHadamardVariant>& cpu_hadamard_variants() {
   static const std::vector<CpuHadamardVariant> v = {
       {"generic", always, hadamard_generic},
-      {"avx2", has_avx2, hadamard_avx2},
-      {"avx512", has_avx512, hadamard_avx512},
+      {"avx2", avx2_f16c, hadamard_avx2},
+      {"avx512", avx512_f16c, hadamard_avx512},
   };
   return v;
 }

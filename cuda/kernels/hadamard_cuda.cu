@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "launch.cuh"
+#include "device_common.cuh"
 #include "layerpress/hadamard_cuda.h"
 
 namespace layerpress {
@@ -15,15 +15,11 @@ namespace {
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-__device__ __forceinline__ float ld(float v) { return v; }
-__device__ __forceinline__ double ld(double v) { return v; }
-__device__ __forceinline__ float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ld(__half v) { return __half2float(v); }
-template <typename T, typename A> __device__ __forceinline__ T st(A v);
-template <> __device__ __forceinline__ float st<float, float>(float v) { return v; }
-template <> __device__ __forceinline__ double st<double, double>(double v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half st<__half, float>(float v) { return __float2half_rn(v); }
+// Element <-> accumulation type: device_common.cuh's conversions, plus fp64 as itself.
+template <typename T> __device__ __forceinline__ typename AccOf<T>::type widen(T v) { return device::to_float(v); }
+template <> __device__ __forceinline__ double widen<double>(double v) { return v; }
+template <typename T> __device__ __forceinline__ T narrow(typename AccOf<T>::type v) { return device::from_float<T>(v); }
+template <> __device__ __forceinline__ double narrow<double>(double v) { return v; }
 
 // Thread g of the launch holds elements [E·c, E·c + E) of row g / (cols/E), c = g % (cols/E).
 // `lanes` = block / E threads share one block; when lanes <= 32 they sit in one warp (lanes
@@ -42,7 +38,7 @@ __global__ void hadamard_kernel(HadamardArgs a, int64_t lanes) {
   A v[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) {
-    A t = valid ? ld(x[i]) * scale : A(0);
+    A t = valid ? widen<T>(x[i]) * scale : A(0);
     if (s && !a.transpose && valid) t *= static_cast<A>(s[i]);
     v[i] = t;
   }
@@ -87,7 +83,7 @@ __global__ void hadamard_kernel(HadamardArgs a, int64_t lanes) {
   for (int i = 0; i < E; ++i) {
     A t = v[i];
     if (s && a.transpose) t *= static_cast<A>(s[i]);
-    y[i] = st<T, A>(t);
+    y[i] = narrow<T>(t);
   }
 }
 
