@@ -10,6 +10,7 @@ is the output rounding. A wrong sign, butterfly partner or stage breaks this by 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -54,9 +55,28 @@ def dense_rotation(k: int, block: int, signs) -> torch.Tensor:
     return r
 
 
+@functools.lru_cache(maxsize=None)
+def normalised_sylvester(block: int) -> torch.Tensor:
+    return sylvester(block) / math.sqrt(block)
+
+
 def reference(x, block, signs, transpose=False):
-    r = dense_rotation(x.shape[-1], block, signs)
-    return x.double() @ (r.t() if transpose else r)
+    """x·R (or x·Rᵀ) in float64, block by block with the dense H_B (R's blocks)."""
+    x64 = x.double()
+    s = torch.ones(x.shape[-1], dtype=torch.float64) if signs is None else signs.double()
+    if not transpose:
+        x64 = x64 * s
+    y = (x64.reshape(*x.shape[:-1], x.shape[-1] // block, block) @ normalised_sylvester(block)).reshape(x.shape)
+    return y * s if transpose else y
+
+
+def test_blockwise_reference_is_the_dense_matrix():
+    x = torch.randn(3, 96, dtype=torch.float64)
+    s = random_signs(96, 1)
+    r = dense_rotation(96, 32, s)
+    assert torch.allclose(reference(x, 32, s), x @ r, rtol=0, atol=1e-13)
+    assert torch.allclose(reference(x, 32, s, True), x @ r.t(), rtol=0, atol=1e-13)
+    assert torch.allclose(r @ r.t(), torch.eye(96, dtype=torch.float64), atol=1e-13)
 
 
 def tolerance(x, ref, block, out_dtype):
