@@ -279,3 +279,12 @@ def test_fold_rotations_refuses_unsupported_models():
     from layerpress.flows.rotation import fold_rotations
     with pytest.raises(NotImplementedError, match="no norm adapter for model_type 'bert'"):
         fold_rotations(tiny_model("bert"))
+
+
+def test_cli_rotate_flags():
+    from layerpress.cli.main import build_parser
+    args = build_parser().parse_args(["quantize", "--rotate", "auto", "--rotate-block", "64"])
+    assert (args.rotate, args.rotate_block) == ("auto", 64)
+    assert build_parser().parse_args(["quantize"]).rotate == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--rotate", "givens"])
