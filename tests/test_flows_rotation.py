@@ -288,3 +288,28 @@ def test_cli_rotate_flags():
     assert build_parser().parse_args(["quantize"]).rotate == "none"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--rotate", "givens"])
+
+
+def test_rotated_run_resumes_to_the_same_result(tmp_path):
+    """Per-block checkpoints carry the rotated layers (spec and signs): an interrupted
+    rotate="auto" run resumes to the uninterrupted result bit for bit."""
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_0(i):
+        if i == 0:
+            raise Interrupt
+
+    args = dict(bits=3, group_size=32, axis="oc", method="gptq", rotate="auto", calib=calib_ids())
+    whole = tiny_model("llama", layers=2)
+    rep_a = quantize_model(whole, **args)
+    assert any(layer.rotation == "hadamard" for layer in rep_a.layers)
+    with pytest.raises(Interrupt):
+        quantize_model(tiny_model("llama", layers=2), checkpoint_dir=tmp_path, on_block_done=stop_after_0, **args)
+    resumed = tiny_model("llama", layers=2)
+    rep_b = quantize_model(resumed, checkpoint_dir=tmp_path, resume=True, **args)
+    sa, sb = whole.state_dict(), resumed.state_dict()
+    assert sa.keys() == sb.keys() and any(k.endswith("rot_signs") for k in sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert [la.rotation for la in rep_a.layers] == [lb.rotation for lb in rep_b.layers]
