@@ -581,15 +581,14 @@ def _check_rotate(s: QuantizeSettings) -> None:
 def _rotation_candidates(specs: List[QuantSpec], W, H, method: str, s: QuantizeSettings, full: str):
     """{key: result} of the rotated candidates of ``specs`` (keys "oc+hadamard", ...); empty for
     rotate="none" or when no rotation block fits K."""
-    from .rotation import layer_seed, quantise_rotated, rotated_spec
+    from .rotation import layer_seed, rotated_spec
     if s.rotate == "none":
         return {}
     out = {}
     for sp in specs:
         rs = rotated_spec(sp, W.shape[1], s.rotate_block, layer_seed(s.seed, full))
         if rs is not None:
-            out[f"{sp.axis}+hadamard"] = quantise_rotated(
-                W, H, rs, lambda w_, sp_, h_: _quantise(w_, sp_, method, h_, s.act_order, s.clip))
+            out[f"{sp.axis}+hadamard"] = _quantise_candidate(W, rs, method, H, s)
     return out
 
 
@@ -614,11 +613,10 @@ def _quantise_linear(block, bi: int, name: str, m, adapter: ModelAdapter, hess, 
     specs = _candidate_specs(s.axis, plan.width(full, bi), s.group_size, s.symmetric,
                              s.scale_dtype, n, k)
     sel = s.method if s.select_with == "applied" else "rtn"
-    results = {} if s.rotate == "hadamard" else {
-        sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
-    results.update(_rotation_candidates(specs, W, H, sel, s, full))
-    if not results:  # rotate="hadamard" but no block fits K: this linear stays unrotated
-        results = {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+    results = _rotation_candidates(specs, W, H, sel, s, full)
+    if s.rotate != "hadamard" or not results:  # (hadamard with no block fitting K: unrotated)
+        results = {**{sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs},
+                   **results}
     point = adapter.measure_point(name)
     mse = {}
     if len(results) > 1:
