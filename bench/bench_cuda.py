@@ -5,10 +5,10 @@ own CUDA baselines, side by side in one run (SPEC.md §3).
     python -m bench.bench_cuda --suite gemm --cases M=1,16 bits=4 axis=oc dtype=bf16
     python -m bench.bench_cuda --dry-run --quick                   # list the cases; no CUDA needed
 
-Suites (``--suite gemm,norms,wtacrs``, default all three):
+Suites (``--suite gemm,norms,wtacrs,gemm_cpp``, default the first three):
 
-- **gemm**: ``torch.ops.layerpress.gemm`` on the canonical layout (the layout the CUDA kernel
-  reads), fp16 and bf16 activations, asymmetric RTN group 128, W4 per-OC and per-IC (plus W2/W3/W8
+- **gemm**: ``torch.ops.layerpress.gemm`` on ``Layout.CUDA_MMA`` (the tensor-core kernel's layout,
+  what ``QuantLinear`` uses on CUDA; ``--layout canonical`` times the simple kernel instead), fp16 and bf16 activations, asymmetric RTN group 128, W4 per-OC and per-IC (plus W2/W3/W8
   per-OC in the full run), against ``F.linear`` fp16/bf16 (cuBLAS) and
   ``torch.ops.aten._weight_int4pack_mm`` (tinygemm, bf16 activations, W4 g128 with the same codes).
   Every case checks the layerpress result against the float64 dequantise-then-matmul reference
@@ -18,6 +18,11 @@ Suites (``--suite gemm,norms,wtacrs``, default all three):
   all) rotated so the weights are read from HBM (field ``l2``). ``gbps`` counts the packed weight,
   scales, zeros, activations and output once per call; ``frac_copy`` divides it by the
   device-to-device copy bandwidth measured at the start of the run (kind "copy_bandwidth").
+- **gemm_cpp**: the C++ binary ``bench_gemm_cuda`` (bench/cpp/bench_gemm_cuda.cu, no Python in the
+  timed loop): the tensor-core GEMM against cuBLAS ``cublasGemmEx`` fp16 in the same process, L2
+  flushed before every call, K = N = 8192 and Llama-7B's 4096 x 11008 / 11008 x 4096, g128
+  asymmetric; its JSON lines are passed through (kind "result", suite "gemm_cpp", field
+  ``speedup`` = cuBLAS time / ours). cuBLAS comes from the CUDA torch's ``nvidia.cublas`` wheel.
 - **norms**: layerpress RMSNorm, add+RMSNorm, LayerNorm (``layerpress.norm_ops``) against eager
   ``F.rms_norm``/``F.layer_norm`` and ``torch.compile`` of the same eager function (compiled for a
   few cases only: warm-up is expensive), forward (inference mode) and forward+backward; L2 flushed
@@ -35,6 +40,7 @@ stderr (ratios = baseline time / layerpress time, > 1 means layerpress is faster
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -50,7 +56,12 @@ from .bench_gemm import (Reporter, UsageError, fmt_ratio, machine_info, print_al
 from .bench_norms import eager_fn, layerpress_fn, make_runner  # the same functions as the CPU suite
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = ["gemm", "norms", "wtacrs"]
+SUITES = ["gemm", "norms", "wtacrs", "gemm_cpp"]
+DEFAULT_SUITES = ["gemm", "norms", "wtacrs"]
+# bench_gemm_cuda runs: (shapes KxN, M list, bits, axes); quick is what scripts/gpu_check.sh runs
+CPP_RUNS_QUICK = [("8192x8192", "1,16,64,128,512", "4", "0,1"), ("8192x8192", "1,16", "2,3,8", "0"),
+                  ("4096x11008,11008x4096", "1,16,128", "4", "0")]
+CPP_RUNS_FULL = [("8192x8192,4096x11008,11008x4096", "1,16,32,64,128,256,512,1024", "2,3,4,8", "0,1")]
 GROUP = 128
 DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16",
                  "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -296,6 +307,7 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
     dense: Dict[tuple, list] = {}      # (K, N, dtype) -> GPU weight copies
     i4: Dict[tuple, list] = {}
     baseline_done = set()
+    layout = Layout.CUDA_MMA if args.layout == "cuda_mma" else Layout.CANONICAL
 
     def get_weight(k, n, bits, axis):
         key = (k, n, bits, axis)
@@ -309,6 +321,8 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
             q = ops.pack(codes, bits)
             w_ref = ops.dequantize(q, s, z, spec, torch.float32).cuda().double()  # CPU op: verified
             dev = (q.cuda(), s.cuda(), z.cuda())
+            if args.layout == "cuda_mma":
+                dev = ops.repack(*dev, spec, Layout.CUDA_MMA)
             nb = _nbytes(*dev)
             copies = [dev] + [tuple(t.clone() for t in dev) for _ in range(_copies_for(nb) - 1)]
             weights[key] = (spec, codes, s, z, copies, w_ref, w)
@@ -324,18 +338,18 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
             x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
             ref = x.double() @ w_ref.t()
             with torch.no_grad():
-                y = ops.gemm(x, *copies[0], None, spec, n, Layout.CANONICAL)
+                y = ops.gemm(x, *copies[0], None, spec, n, layout)
             torch.cuda.synchronize()
             err = _rel_err(y, ref)
             tol = 2 * torch.finfo(dtype).eps
             ok = err <= tol
-            calls = [lambda t=t: ops.gemm(x, *t, None, spec, n, Layout.CANONICAL) for t in copies]
+            calls = [lambda t=t: ops.gemm(x, *t, None, spec, n, layout) for t in copies]
             inner = len(calls) * math.ceil(48 / len(calls))
             with torch.no_grad():
                 ms, timing = time_rotated(calls, inner, repeats, use_graph=not args.no_graphs)
             moved = _nbytes(*copies[0], x, y)
             gbps = moved / (ms * 1e-3) / 1e9
-            rec.update({"impl": "layerpress", "median_ms": ms, "us": ms * 1e3, "bytes": moved,
+            rec.update({"impl": "layerpress", "layout": args.layout, "median_ms": ms, "us": ms * 1e3, "bytes": moved,
                         "gbps": gbps, "frac_copy": gbps / copy_gbps, "max_rel_err": err, "tol": tol,
                         "ok": ok, "timing": timing,
                         "l2": f"rotate {len(copies)} weight copies "
@@ -418,6 +432,69 @@ def run_gemm(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> i
     return failures
 
 
+def cublas_library() -> Optional[str]:
+    """libcublas of the CUDA torch's wheels (nvidia.cublas), or None (the binary then tries the
+    loader's search path)."""
+    import glob
+    try:
+        import nvidia.cublas as nc  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    for d in list(getattr(nc, "__path__", [])):
+        libs = sorted(glob.glob(os.path.join(d, "lib", "libcublas.so*")))
+        libs = [x for x in libs if "Lt" not in os.path.basename(x)]
+        if libs:
+            return libs[0]
+    return None
+
+
+def run_gemm_cpp(cases: List[dict], reporter: Reporter, args, copy_gbps: float) -> int:
+    from .bench_gemm import find_cpp_binary
+    binary = find_cpp_binary("bench_gemm_cuda", "LAYERPRESS_CUDA_BENCH_BIN")
+    if binary is None:
+        reporter.log("gemm_cpp FAILED: bench_gemm_cuda not found (built only when nvcc is present)")
+        reporter.emit({"kind": "result", "suite": "gemm_cpp", "ok": False, "error": "bench_gemm_cuda not found"})
+        return 1
+    lib = cublas_library()
+    failures = 0
+    for c in cases:
+        cmd = [binary, "--shapes", c["shapes"], "--M", c["M"], "--bits", c["bits"], "--axes", c["axes"],
+               "--group", str(GROUP), "--repeats", "10" if args.quick else "30"] + (["--cublas", lib] if lib else [])
+        reporter.log("gemm_cpp: " + " ".join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            failures += 1
+            reporter.emit({"kind": "result", "suite": "gemm_cpp", "ok": False, "error": "timeout", "cmd": cmd})
+            continue
+        for line in proc.stdout.splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            d.update({"kind": "result", "suite": "gemm_cpp", "impl": "layerpress",
+                      "frac_copy": d["ours_gbps"] / copy_gbps if copy_gbps else None})
+            reporter.emit(d)
+        if proc.returncode != 0:
+            failures += 1
+            reporter.log(f"gemm_cpp FAILED (rc {proc.returncode}): {proc.stderr[-1000:]}")
+            reporter.emit({"kind": "result", "suite": "gemm_cpp", "ok": False, "error": proc.stderr[-500:]})
+    return failures
+
+
+def print_gemm_cpp_table(results: List[dict], file) -> None:
+    rows = [r for r in results if r.get("suite") == "gemm_cpp" and "ours_us" in r]
+    if not rows:
+        return
+    head = ["M", "K", "N", "bits", "axis", "dtype", "ours us", "cuBLAS us", "vs cuBLAS", "GB/s", "of copy"]
+    body = [[str(r["M"]), str(r["K"]), str(r["N"]), str(r["bits"]), r["axis"], r["dtype"], f"{r['ours_us']:.1f}",
+             "-" if r["cublas_us"] is None else f"{r['cublas_us']:.1f}",
+             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", f"{r['ours_gbps']:.0f}",
+             "-" if r.get("frac_copy") is None else f"{100 * r['frac_copy']:.0f}%"] for r in rows]
+    print_aligned_table("bench_gemm_cuda (C++): tensor-core GEMM vs cuBLAS fp16, median us, L2 flushed "
+                        "(vs cuBLAS = cuBLAS time / ours)", head, body, file)
+
+
 def print_gemm_table(results: List[dict], file) -> None:
     base = {}
     for r in results:
@@ -442,7 +519,7 @@ def print_gemm_table(results: List[dict], file) -> None:
                      f"{100 * r['frac_copy']:.0f}%" if "frac_copy" in r else "-",
                      f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-",
                      "yes" if r.get("ok") else ("ERROR" if "error" in r else "WRONG")])
-    print_aligned_table("CUDA low-bit GEMM, median us per call (g128 asymmetric, canonical layout; "
+    print_aligned_table("CUDA low-bit GEMM, median us per call (g128 asymmetric, layout of --layout; "
                         "'vs X' = X's time / layerpress's, >1 means layerpress is faster)",
                         head, rows, file)
 
@@ -649,8 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: --suite gemm --cases M=1,16 bits=4 axis=ic dtype=bf16")
     p.add_argument("--quick", action="store_true",
                    help="the small set scripts/gpu_check.sh runs (well under 3 minutes on an H200)")
-    p.add_argument("--suite", default=",".join(SUITES),
-                   help="comma-separated suites: gemm, norms, wtacrs (default all)")
+    p.add_argument("--suite", default=",".join(DEFAULT_SUITES),
+                   help="comma-separated suites: gemm, norms, wtacrs, gemm_cpp (default the first three)")
     p.add_argument("--cases", nargs="+", metavar="KEY=V1,V2",
                    help="filter cases; keys M, K, N, bits, axis, dtype (fp16/bf16), op, hidden, "
                         "tokens, mode (fwd/fwdbwd)")
@@ -659,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the planned cases as JSON lines (kind 'case') and exit; no CUDA")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile baseline for norms")
     p.add_argument("--no-baselines", action="store_true", help="GEMM: time layerpress only")
+    p.add_argument("--layout", choices=("cuda_mma", "canonical"), default="cuda_mma",
+                   help="GEMM: the weight layout (cuda_mma: the tensor-core kernel; canonical: the simple one)")
     p.add_argument("--no-graphs", action="store_true",
                    help="GEMM: back-to-back launches instead of CUDA graphs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -672,6 +751,9 @@ def run(args) -> int:
         raise UsageError(f"--suite: unknown {bad} (choose from {', '.join(SUITES)})")
     filt = parse_cases(args.cases)
     cases = plan(suites, args.quick, filt, compile_norms=not args.no_compile)
+    if "gemm_cpp" in suites:  # one planned case per binary run
+        cases += [{"suite": "gemm_cpp", "shapes": sh, "M": ms, "bits": b, "axes": ax, "impls": ["ours", "cuBLAS"]}
+                  for sh, ms, b, ax in (CPP_RUNS_QUICK if args.quick else CPP_RUNS_FULL)]
     if args.dry_run:
         with _closing(Reporter(args.out, args.quiet)) as rep:
             rep.emit({"kind": "plan", "suites": suites, "quick": args.quick, "cases": len(cases),
@@ -700,6 +782,8 @@ def run(args) -> int:
             rep.log(f"suite {suite}: {len(sc)} cases")
             if suite == "gemm":
                 failures += run_gemm(sc, rep, args, copy_gbps)
+            elif suite == "gemm_cpp":
+                failures += run_gemm_cpp(sc, rep, args, copy_gbps)
             elif suite == "norms":
                 failures += run_norms(sc, rep, args, copy_gbps)
             else:
@@ -709,6 +793,7 @@ def run(args) -> int:
     finally:
         rep.close()
         print_gemm_table(rep.results, sys.stderr)
+        print_gemm_cpp_table(rep.results, sys.stderr)
         print_norms_table(rep.results, sys.stderr)
         print_wtacrs_table(rep.results, sys.stderr)
         print(f"\nbench_cuda: {failures} failed or wrong layerpress case(s); "

@@ -38,7 +38,7 @@ from layerpress.cli.common import (UsageError, int4pack, measure, table,  # noqa
                                    timed_calls)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in features, N = out features)
-MS = [1, 16, 128]
+MS = [1, 16, 128, 1024]
 BITS = [2, 3, 4, 8]
 AXES = ["oc", "ic"]
 GROUP = 128
@@ -131,17 +131,17 @@ int4pack_weight = int4pack
 
 # ---- the C++ binary --------------------------------------------------------------------------------
 
-def find_cpp_binary() -> Optional[str]:
+def find_cpp_binary(name: str = "bench_gemm_cpu", env: str = "LAYERPRESS_BENCH_BIN") -> Optional[str]:
     cands = []
-    if os.environ.get("LAYERPRESS_BENCH_BIN"):
-        cands.append(os.environ["LAYERPRESS_BENCH_BIN"])
+    if os.environ.get(env):
+        cands.append(os.environ[env])
     try:
         from layerpress import _C
-        cands.append(os.path.join(os.path.dirname(_C.__file__), "bin", "bench_gemm_cpu"))
+        cands.append(os.path.join(os.path.dirname(_C.__file__), "bin", name))
     except ImportError:
         pass
-    cands.append(os.path.join(os.path.dirname(layerpress.__file__), "bin", "bench_gemm_cpu"))
-    cands += sorted(glob.glob(str(REPO_ROOT / "build" / "*" / "bench_gemm_cpu")),
+    cands.append(os.path.join(os.path.dirname(layerpress.__file__), "bin", name))
+    cands += sorted(glob.glob(str(REPO_ROOT / "build" / "*" / name)),
                     key=os.path.getmtime, reverse=True)
     for c in cands:
         if os.path.isfile(c) and os.access(c, os.X_OK):
@@ -268,7 +268,7 @@ def print_table(results: List[dict], file) -> None:
     if not ours:
         return
     head = ["M", "K", "N", "bits", "axis", "act", "layerpress", "C++ bin", "F.lin fp32",
-            "F.lin bf16", "int4pack", "vs fp32", "vs int4pack"]
+            "F.lin bf16", "int4pack", "vs fp32", "vs bf16", "vs int4pack"]
     rows = []
     for r in ours:
         key = (r["M"], r["K"], r["N"])
@@ -279,7 +279,8 @@ def print_table(results: List[dict], file) -> None:
         rows.append([str(r["M"]), str(r["K"]), str(r["N"]), str(r["bits"]), r["axis"],
                      "fp32" if r["dtype"] == "float32" else "bf16", fmt_ms(r["median_ms"]),
                      fmt_ms(c), fmt_ms(fp32), fmt_ms(bf16), fmt_ms(i4),
-                     fmt_ratio(fp32, r["median_ms"]), fmt_ratio(i4, r["median_ms"])])
+                     fmt_ratio(fp32, r["median_ms"]), fmt_ratio(bf16, r["median_ms"]),
+                     fmt_ratio(i4, r["median_ms"])])
     print_aligned_table("CPU low-bit GEMM, median ms per call (group 128, asymmetric; "
                         "'vs X' = X's time / layerpress's time, >1 means layerpress is faster)",
                         head, rows, file)
@@ -300,10 +301,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                     "torch's _weight_int4pack_mm_for_cpu, in one run. JSON lines go to stdout, "
                     "a readable table to stderr.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="cases: M in {1,16,128} x (K,N) in {(4096,4096),(4096,11008),(11008,4096)} x "
+        epilog="cases: M in {1,16,128,1024} x (K,N) in {(4096,4096),(4096,11008),(11008,4096)} x "
                "bits {2,3,4,8} x axis {oc,ic}, group 128, asymmetric, fp32 activations; plus bf16 "
                "activations at W4.\nexample: --cases M=1,16 bits=4 axis=ic dtype=bf16 shape=4096x11008")
-    p.add_argument("--quick", action="store_true", help="only K = N = 4096 (M in 1, 16, 128)")
+    p.add_argument("--quick", action="store_true", help="only K = N = 4096")
     p.add_argument("--out", metavar="FILE", help="also write the JSON lines to FILE")
     p.add_argument("--cases", nargs="+", metavar="KEY=V1,V2",
                    help="filter cases; keys M, K, N, bits, axis (oc/ic), dtype (fp32/bf16), "
@@ -316,7 +317,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch.set_num_threads(T) (default: torch's default)")
     p.add_argument("--variant", metavar="NAME",
-                   help="force a CPU GEMM variant (generic, avx2, avx512; default: the best one)")
+                   help="force a CPU GEMM variant (generic, avx2, avx512, avx512_bf16; default: "
+                        "the best one)")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the layerpress scales (default float16)")
     p.add_argument("--no-baselines", action="store_true", help="time layerpress only")

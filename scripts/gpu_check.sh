@@ -2,17 +2,18 @@
 # The one command a session with a GPU runs (issue 13, part 3): build for the GPU present, run the
 # GPU tests, the CUDA emulator's GPU self-test (when present) and the quick GPU benchmarks, and
 # write everything into one folder. Sized for a lent H200 with 15 minutes of device time in all:
-# the steps' time budgets add up to under 8 minutes.
+# the steps' time budgets add up to under 9 minutes (530 s).
 #
 #   bash scripts/gpu_check.sh [OUTDIR]     # OUTDIR default: $OUT if set, else bench/results/gpu-check-<date>
 #
-# Through the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=540); $OUT comes back.
+# Through the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=590); $OUT comes back.
 # Files written (the device tool returns at most 8 files from $OUT: keep it that way):
 #   summary.md          machine, commit, git status, test counts, per-step wall times, the emulator
 #                       self-test's output, bench_cuda's tables, nvidia-smi
 #   build.log           the pip/CMake/nvcc build
 #   tests.log           pytest -m gpu output      tests_junit.xml   its JUnit XML
 #   bench_cuda.jsonl    python -m bench.bench_cuda --quick JSON lines
+#   bench_gemm_cuda.jsonl  bench_cuda --suite gemm_cpp: the C++ tensor-core GEMM vs cuBLAS lines
 #   (plus what scripts/emu_selftest_gpu.sh writes there itself: ptx_selftest.txt, ptx_selftest_build.txt)
 # Without a GPU it prints "gpu_check: no GPU (...)" and exits 1 before building anything.
 # Exit status: 0 all steps passed, 1 no GPU or some step failed (the other steps still ran).
@@ -107,7 +108,11 @@ fi
 
 # ---- 6. the quick GPU benchmarks (JSON lines written as they come: a timeout keeps what ran) ------
 run_step "bench_cuda --quick" 110 "$tmp/bench_cuda.log" \
-  env PYTHONUNBUFFERED=1 "$PY" -m bench.bench_cuda --quick --out "$outdir/bench_cuda.jsonl"
+  env PYTHONUNBUFFERED=1 "$PY" -m bench.bench_cuda --quick --suite gemm,norms,wtacrs --out "$outdir/bench_cuda.jsonl"
+
+# ---- 6b. the C++ benchmark bench_gemm_cuda: the tensor-core GEMM vs cuBLAS fp16 (issue 14's table) --
+run_step "bench_cuda --suite gemm_cpp --quick" 70 "$tmp/bench_gemm_cuda.log" \
+  env PYTHONUNBUFFERED=1 "$PY" -m bench.bench_cuda --quick --suite gemm_cpp --out "$outdir/bench_gemm_cuda.jsonl"
 
 # ---- 7. summary.md: machine, commit, counts, step times, bench table, nvidia-smi -----------------
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -150,6 +155,11 @@ EOF
   echo "## bench_cuda --quick: progress and tables (ratios = baseline time / layerpress time)"
   echo '```'
   tail -n 200 "$tmp/bench_cuda.log" 2>/dev/null
+  echo '```'
+  echo
+  echo "## bench_gemm_cuda (C++, tensor-core GEMM vs cuBLAS fp16)"
+  echo '```'
+  tail -n 80 "$tmp/bench_gemm_cuda.log" 2>/dev/null
   echo '```'
   echo
   echo "## git status --short"

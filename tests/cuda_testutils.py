@@ -151,3 +151,41 @@ def quantized(spec: QuantSpec):
     q = ops.pack(codes, spec.bits)
     w64 = R.dequantize(codes, s, z, spec).double()
     return codes, s, z, q, w64, folded_magnitude(codes, s, z, spec)
+
+
+# ---- the tensor-core GEMM (Layout.CUDA_MMA): what rounding to the activation type adds -------------
+# Its mma.sync products take fp16/bf16 operands, so each weight (q - z) s (per-OC) or each x s
+# (per-IC) is rounded once to the activation type before the product (a scale of another dtype
+# once more when converted); accumulation stays fp32.
+MMA_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def mma_rounding_tolerance(a, w64, spec, act_dtype):
+    """What rounding weights (or activation x scale) to the activation type adds to the bound."""
+    u = MMA_UNIT[act_dtype]
+    roundings = 1 if spec.scale_dtype == act_dtype else 2
+    rel = 2 * roundings * u * (a.to(torch.float64).abs() @ w64.abs().t())
+    sub = 0.0
+    if act_dtype == torch.float16:  # subnormal products: 2^-25 absolute per term
+        qmax = 2 ** spec.bits - 1
+        sub = 2.0 ** -25 * (a.to(torch.float64).abs().sum(-1, keepdim=True) + qmax * a.shape[-1]) * 2
+    return rel + sub
+
+
+def mma_rounded_reference(x, codes, s, z, spec, act_dtype):
+    """float64 product with exactly the roundings the kernel makes when the scales have the
+    activation dtype: per-OC each weight (q - z) s rounded once to it (the fp32 product is exact),
+    per-IC each x s rounded once to it and B = q - z exact. Only fp32 summation error remains."""
+    n, k = codes.shape
+    g = spec.group_for(n, k)
+    zf = (torch.full(s.shape, 2 ** (spec.bits - 1)) if z is None else z).float()
+    if spec.axis == "oc":
+        w = (codes.float() - zf.repeat_interleave(g, 1)) * s.float().repeat_interleave(g, 1)
+        return x.double() @ w.to(act_dtype).double().t()
+    y = torch.empty(x.shape[0], n, dtype=torch.float64)
+    for gi in range(n // g):
+        cols = slice(gi * g, (gi + 1) * g)
+        a = (x.float() * s[:, gi].float()).to(act_dtype).double()           # [M, K]
+        b = codes[cols].double() - zf[:, gi].double()[None, :]               # [g, K]
+        y[:, cols] = a @ b.t()
+    return y

@@ -5,6 +5,7 @@ Everything here is plain PyTorch and independent of the extension's kernels, exc
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -138,6 +139,50 @@ def gemm_tolerance(a: torch.Tensor, mag: torch.Tensor, y_ref: torch.Tensor, out_
     if bias is not None:
         acc = acc + bias.to(torch.float64).abs()
     return C_ACC * U32 * math.sqrt(max(r, 1)) * acc + torch.finfo(out_dtype).eps * y_ref.abs()
+
+
+# The avx512_bf16 CPU variant's forward tile path multiplies bf16-rounded operands (fp32
+# accumulation); smaller M stays on the exact table-lookup path. build_info() says from which M
+# ("cpu_gemm_bf16_min_m", per bit width, for the active variant). Tests reproduce that rounding
+# exactly and keep the fp32-accumulation tolerance above.
+BF16_VARIANT = "avx512_bf16"
+
+
+def cpu_gemm_rounds_to_bf16(m: int, adtype: torch.dtype, bits: int) -> bool:
+    """Whether the active CPU GEMM variant computes this forward product (M rows of adtype
+    activations, bits-bit weight) from bf16-rounded operands."""
+    if adtype not in (torch.float32, torch.bfloat16):
+        return False
+    min_m = layerpress.build_info()["cpu_gemm_bf16_min_m"].get(str(bits))
+    return min_m is not None and m >= min_m
+
+
+@contextlib.contextmanager
+def exact_cpu_gemm():
+    """Runs the block on the best CPU GEMM variant that multiplies unrounded operands (for
+    comparisons with other devices' kernels), then restores the automatic choice."""
+    exact = [v for v in supported_variants() if v != BF16_VARIANT]
+    layerpress.set_cpu_gemm_variant(exact[-1])
+    try:
+        yield exact[-1]
+    finally:
+        layerpress.set_cpu_gemm_variant("")
+
+
+def bf16_operands(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec):
+    """(x, W) as the bf16 tile path uses them, in float64: activations rounded to bf16 (RNE);
+    per-IC weights rounded to bf16 from their fp32 value (q - z)·s, per-OC weights exact (the
+    scales are applied to the fp32 group sums)."""
+    xk = x.to(torch.bfloat16).to(torch.float64)
+    wk = w.to(torch.float32).to(torch.bfloat16).to(torch.float64) if spec.axis == "ic" else w.to(torch.float64)
+    return xk, wk
+
+
+def cpu_gemm_operands(x2: torch.Tensor, w: torch.Tensor, spec: QuantSpec):
+    """(x, W) in float64 as the active CPU variant multiplies them for x2 [M, K] (see above)."""
+    if cpu_gemm_rounds_to_bf16(x2.shape[0], x2.dtype, spec.bits):
+        return bf16_operands(x2, w, spec)
+    return x2.to(torch.float64), w.to(torch.float64)
 
 
 def assert_within(y: torch.Tensor, y_ref: torch.Tensor, tol: torch.Tensor, what: str = ""):

@@ -13,7 +13,7 @@ from lp_testutils import dequant64, quantized
 
 @pytest.mark.parametrize("axis", ["oc", "ic"])
 @pytest.mark.parametrize("bits", [3, 4])
-def test_double_backward_of_gemm_matches_reference(bits, axis):
+def test_double_backward_of_gemm_matches_reference(exact_cpu_gemm_variant, bits, axis):
     n, k, m = 64, 96, 5
     spec = QuantSpec(bits=bits, group_size=32, axis=axis)
     codes, scales, zeros, _, native = quantized(spec, n, k, seed=bits)
@@ -34,7 +34,7 @@ def test_double_backward_of_gemm_matches_reference(bits, axis):
     torch.testing.assert_close(gu.double(), v.double() @ w.t(), rtol=1e-5, atol=1e-4)
 
 
-def test_gemm_t_gradcheck_against_its_adjoint():
+def test_gemm_t_gradcheck_against_its_adjoint(exact_cpu_gemm_variant):
     n, k = 32, 64
     spec = QuantSpec(bits=4, group_size=32)
     _, _, _, _, (qweight, scales, zeros) = quantized(spec, n, k, seed=3)

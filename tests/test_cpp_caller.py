@@ -16,15 +16,15 @@ import layerpress
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _binary() -> str:
+def _binary(name: str = "dispatcher_caller") -> str:
     """The installed copy (next to bench_gemm_cpu in layerpress/bin), else the build tree's."""
-    cands = [os.path.join(os.path.dirname(layerpress._C.__file__), "bin", "dispatcher_caller"),
-             os.path.join(os.path.dirname(layerpress.__file__), "bin", "dispatcher_caller")]
-    cands += sorted(glob.glob(str(REPO / "build" / "*" / "dispatcher_caller")))
+    cands = [os.path.join(os.path.dirname(layerpress._C.__file__), "bin", name),
+             os.path.join(os.path.dirname(layerpress.__file__), "bin", name)]
+    cands += sorted(glob.glob(str(REPO / "build" / "*" / name)))
     for c in cands:
         if os.path.isfile(c) and os.access(c, os.X_OK):
             return c
-    pytest.fail(f"dispatcher_caller is not built (looked in {cands}); build and install the package")
+    pytest.fail(f"{name} is not built (looked in {cands}); build and install the package")
 
 
 def _run(*args):

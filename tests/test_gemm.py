@@ -9,7 +9,10 @@ gemm, N for gemm_t), u32 = 2^-24 the unit roundoff of the fp32 accumulators and
 
 y_ref is computed in float64 from the same (already rounded) activations and the exactly
 dequantised weight, so the only error sources are the kernels' fp32 accumulation (probabilistic
-sqrt(R) bound, Higham & Mary) and the final rounding to the output dtype.
+sqrt(R) bound, Higham & Mary) and the final rounding to the output dtype. For the avx512_bf16
+variant's bf16 tile path the reference uses the operands that path multiplies (activations
+rounded to bf16, per-IC weights rounded to bf16; lp_testutils.cpu_gemm_operands), so the same
+bound holds and a wrong code, scale or zero point is caught as for the exact variants.
 """
 from __future__ import annotations
 
@@ -24,9 +27,9 @@ import layerpress
 from layerpress import QuantSpec, ops
 from layerpress import reference as R
 
-from lp_testutils import (BITS, C_ACC, FLOAT_DTYPES, SCALE_DTYPES, U32, assert_within, dtype_id,
-                          folded_magnitude, gemm_tolerance, grid_cases, make_weight,
-                          spec_id, supported_variants)
+from lp_testutils import (BITS, C_ACC, FLOAT_DTYPES, SCALE_DTYPES, U32, assert_within, bf16_operands,
+                          cpu_gemm_operands, cpu_gemm_rounds_to_bf16, dtype_id, folded_magnitude,
+                          gemm_tolerance, grid_cases, make_weight, spec_id, supported_variants)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -73,8 +76,9 @@ def check_gemm(spec, native, codes, s, z, mag, x, bias, what):
     y = ops.gemm(x, q, sc, ze, bias, spec, n)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], n), what
     x2 = x.reshape(-1, x.shape[-1])
-    y_ref = R.gemm(x2, codes, s, z, spec, bias)
-    tol = gemm_tolerance(x2, mag, y_ref, x.dtype, bias)
+    xk, wk = cpu_gemm_operands(x2, R.dequantize(codes, s, z, spec), spec)
+    y_ref = xk @ wk.t() + (0 if bias is None else bias.double())
+    tol = gemm_tolerance(xk, mag, y_ref, x.dtype, bias)
     assert_within(y.reshape(-1, n), y_ref, tol, what)
     return y
 
@@ -104,14 +108,21 @@ def test_gemm_grid(cpu_variant, bits, axis, group, n, k, symmetric, adtype):
         spec, native, w64, w64t, mag, magt = _weight_t(bits, axis, group, symmetric, sd, n, k)
         y_all = x_all.double() @ w64t     # reference.gemm with the cached dequantised weight
         acc_all = x_all.double().abs() @ magt
+        bf16_all = None  # the same for the operands of the bf16 tile path, when a case needs it
         for m in _ms_for(bits, sd):
             x = x_all[:m]
             what = f"{cpu_variant} {spec_id(spec)} N={n} K={k} M={m} x={dtype_id(adtype)}"
+            ys, accs = y_all, acc_all
+            if cpu_gemm_rounds_to_bf16(m, adtype, bits):
+                if bf16_all is None:
+                    xk, wk = bf16_operands(x_all, w64t.t(), spec)
+                    bf16_all = (xk @ wk.t(), xk.abs() @ magt)
+                ys, accs = bf16_all
             for b in (bias, None):
                 y = ops.gemm(x, *native, b, spec, n)
                 assert y.dtype == adtype and y.shape == (m, n), what
-                y_ref = y_all[:m] if b is None else y_all[:m] + b.double()
-                acc = acc_all[:m] if b is None else acc_all[:m] + b.double().abs()
+                y_ref = ys[:m] if b is None else ys[:m] + b.double()
+                acc = accs[:m] if b is None else accs[:m] + b.double().abs()
                 tol = C_ACC * U32 * math.sqrt(k) * acc + torch.finfo(adtype).eps * y_ref.abs()
                 assert_within(y, y_ref, tol, what + (" bias" if b is not None else " no bias"))
 
@@ -245,11 +256,11 @@ def test_variants_agree():
     for v in variants:
         layerpress.set_cpu_gemm_variant(v)
         assert layerpress.build_info()["cpu_kernels"]["gemm"] == v
-        outs[v] = ops.gemm(x, *native, None, spec, 64)
+        xk, wk = cpu_gemm_operands(x, w64, spec)  # what this variant multiplies
+        y_ref = xk @ wk.t()
+        outs[v] = (ops.gemm(x, *native, None, spec, 64), y_ref, gemm_tolerance(xk, mag, y_ref, torch.float32))
     layerpress.set_cpu_gemm_variant("")
-    y_ref = R.gemm(x, codes, s, z, spec)
-    tol = gemm_tolerance(x, mag, y_ref, torch.float32)
-    for v, y in outs.items():
+    for v, (y, y_ref, tol) in outs.items():
         assert_within(y, y_ref, tol, v)
     with pytest.raises(ValueError, match="variant"):
         layerpress.set_cpu_gemm_variant("no-such-variant")
@@ -323,8 +334,9 @@ def test_results_independent_of_thread_count(cpu_variant, spec, n, k):
         for a, b in zip(outs[1], outs[threads]):
             assert torch.equal(a, b), f"{threads} threads differ from 1"
     x = _act((40, k), torch.float32, seed=40)
-    y_ref = R.gemm(x, codes, s, z, spec, bias)
-    assert_within(outs[2][3], y_ref, gemm_tolerance(x, mag, y_ref, torch.float32, bias), "2 threads")
+    xk, wk = cpu_gemm_operands(x, w64, spec)
+    y_ref = xk @ wk.t() + bias.double()
+    assert_within(outs[2][3], y_ref, gemm_tolerance(xk, mag, y_ref, torch.float32, bias), "2 threads")
 
 
 def test_wrapper_skips_autograd_only_when_no_input_needs_grad():

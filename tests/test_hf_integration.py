@@ -231,7 +231,7 @@ def test_permutation_and_side_paths(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_dequantize(family, saved):
+def test_dequantize(exact_cpu_gemm_variant, family, saved):
     """model.dequantize(): float linears (GPT-2: Conv1D) with the dequantised weights; the same
     outputs up to float rounding, and the quantisation config is gone."""
     model, path = saved(family)

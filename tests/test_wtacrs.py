@@ -367,7 +367,7 @@ def test_autocast_and_compile():
 
 
 @pytest.mark.parametrize("base_kind", ["linear", "quant"])
-def test_lora_and_qlora(base_kind):
+def test_lora_and_qlora(exact_cpu_gemm_variant, base_kind):
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)
     base = lin if base_kind == "linear" else QuantLinear.from_linear(lin, QuantSpec(bits=4, group_size=32))

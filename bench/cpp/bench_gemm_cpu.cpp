@@ -12,9 +12,11 @@
 #include <thread>
 #include <vector>
 
+#include "bench_cli.h"
 #include "layerpress/cpu_kernels.h"
 
 using namespace layerpress;
+using layerpress_bench::parse_list;
 
 namespace {
 
@@ -34,14 +36,6 @@ ParallelFor thread_for(int threads) {
     }
     for (auto& th : pool) th.join();
   };
-}
-
-std::vector<int64_t> parse_list(const char* s) {
-  std::vector<int64_t> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) v.push_back(std::atoll(item.c_str()));
-  return v;
 }
 
 }  // namespace

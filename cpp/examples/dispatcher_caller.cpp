@@ -32,6 +32,8 @@
 #include <tuple>
 #include <vector>
 
+#include "example_util.h"
+
 namespace {
 
 using at::Tensor;
@@ -76,12 +78,17 @@ Tensor dequantize_reference(const Tensor& codes, const Tensor& scales, const Ten
   return (codes.to(at::kDouble) - z) * s;
 }
 
-std::vector<int64_t> parse_list(const char* text) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::atoll(item.c_str()));
-  return out;
+// build_info's "cpu_gemm_bf16_min_m"[bits]: from this M on, the active CPU variant multiplies
+// bf16-rounded operands (activations; per-IC weights); -1 when it never does.
+int64_t bf16_min_m(int64_t bits) {
+  const auto info_op = c10::Dispatcher::singleton().findSchemaOrThrow("layerpress::build_info", "").typed<std::string()>();
+  const std::string info = info_op.call();
+  const size_t at = info.find("\"cpu_gemm_bf16_min_m\": {");
+  if (at == std::string::npos) return -1;
+  const std::string body = info.substr(at, info.find('}', at) - at);
+  const std::string key = "\"" + std::to_string(bits) + "\": ";
+  const size_t k = body.find(key);
+  return k == std::string::npos ? -1 : std::atoll(body.c_str() + k + key.size());
 }
 
 // Runs every case; returns how many differ from the reference.
@@ -107,8 +114,14 @@ int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
       // the last two: no input rotation (rot_signs=None, rot_block=0)
       const Tensor y = gemm.call(x, q1, s1, z1, bias, bits, group, axis, kCpuBitplaneLayout, N, std::nullopt, 0);
 
-      const Tensor w_ref = dequantize_reference(codes, scales, zeros, group, axis);
-      const Tensor y_ref = at::matmul(x.to(at::kDouble), w_ref.t()) + bias.to(at::kDouble);
+      Tensor w_ref = dequantize_reference(codes, scales, zeros, group, axis);
+      Tensor x_ref = x.to(at::kDouble);
+      const int64_t min_m = bf16_min_m(bits);
+      if (min_m >= 0 && M >= min_m) {  // the operands the bf16 tile path multiplies
+        x_ref = x.to(at::kBFloat16).to(at::kDouble);
+        if (axis == 1) w_ref = w_ref.to(at::kFloat).to(at::kBFloat16).to(at::kDouble);
+      }
+      const Tensor y_ref = at::matmul(x_ref, w_ref.t()) + bias.to(at::kDouble);
       const double err = (y.to(at::kDouble) - y_ref).abs().max().item<double>();
       const double scale = y_ref.abs().max().item<double>();
       // The kernel accumulates in fp32 (order differs from the reference): about 1e-6 relative to
@@ -127,16 +140,6 @@ int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
 
 }  // namespace
 
-// <dir of this executable>/../_C.abi3.so: the installed layout (layerpress/bin/dispatcher_caller).
-std::string default_library() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return "_C.abi3.so";
-  std::string exe(buf, static_cast<size_t>(n));
-  const std::string dir = exe.substr(0, exe.find_last_of('/'));
-  return dir + "/../_C.abi3.so";
-}
-
 int main(int argc, char** argv) {
   std::vector<int64_t> bits_list = {2, 3, 4, 8};
   std::string library;
@@ -149,7 +152,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (a == "--library") library = argv[i + 1];
-    else if (a == "--bits") bits_list = parse_list(argv[i + 1]);
+    else if (a == "--bits") bits_list = lp_example::parse_list(argv[i + 1]);
     else if (a == "--M") M = std::atoll(argv[i + 1]);
     else if (a == "--threads") threads = std::atoi(argv[i + 1]);
     else {
@@ -157,7 +160,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (library.empty()) library = default_library();
+  if (library.empty()) library = lp_example::default_library();
   if (dlopen(library.c_str(), RTLD_LAZY | RTLD_GLOBAL) == nullptr) {
     std::fprintf(stderr, "dispatcher_caller: cannot load the layerpress op library %s: %s\n", library.c_str(),
                  dlerror());

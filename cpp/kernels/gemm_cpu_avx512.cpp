@@ -68,21 +68,7 @@ void microkernel_avx512(const float* A, int64_t lda, int64_t rows, const float* 
 }
 #define LP_MICROKERNEL microkernel_avx512
 
-inline __m512 load16_float(const void* p, int64_t i, FloatType t) {
-  switch (t) {
-    case FloatType::kF32: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
-    case FloatType::kBF16: {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    default:
-      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
-  }
-}
-
-inline __m512 load16_zeros(const uint8_t* z) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
-}
+#include "gemm_cpu_avx512_loads.inc"
 
 // AVX-512 versions of the tile path's panel dequantisation (contract in gemm_cpu_tile.inc).
 // Codes are assembled from the bit planes with mask registers: bit i of the 16 plane-p words is

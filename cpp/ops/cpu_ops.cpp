@@ -53,6 +53,7 @@ void check_layout(int64_t layout) {
 }
 
 bool is_canonical(int64_t layout) { return layout == static_cast<int64_t>(Layout::kCanonical); }
+bool is_cuda_mma(int64_t layout) { return layout == static_cast<int64_t>(Layout::kCudaMma); }
 
 Tensor empty_zeros_placeholder(const Tensor& like) { return empty_like_device(like, {0}, ScalarType::Byte); }
 
@@ -69,6 +70,18 @@ std::tuple<Tensor, Tensor, Tensor> canonical_copy(const Tensor& qweight, const T
 std::tuple<Tensor, Tensor, Tensor> repack_cpu(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits,
                                               int64_t group_size, int64_t axis, int64_t layout) {
   if (is_canonical(layout)) return canonical_copy(qweight, scales, zeros, bits, group_size, axis, -1);
+  if (is_cuda_mma(layout)) {  // the CUDA kernels' layout, built here too (tests, offline repacking)
+    const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
+    Tensor q = empty_like_device(qweight, cuda_mma_qweight_shape(p), ScalarType::Int);
+    Tensor s = empty_like_device(scales, cuda_mma_scale_shape(p), scales.scalar_type());
+    Tensor z = zeros ? empty_like_device(*zeros, cuda_mma_scale_shape(p), ScalarType::Byte)
+                     : empty_zeros_placeholder(qweight);
+    repack_canonical_to_cuda_mma(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
+                                 zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, q.mutable_data_ptr<int32_t>(),
+                                 s.mutable_data_ptr(), zeros ? z.mutable_data_ptr<uint8_t>() : nullptr,
+                                 torch_parallel_for());
+    return {q, s, z};
+  }
   check_layout(layout);
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
   Tensor q = empty_like_device(qweight, {p.row_tiles(), p.K / 32, p.bits, kTileRows}, ScalarType::Int);
@@ -104,6 +117,18 @@ std::tuple<Tensor, Tensor, Tensor> unrepack_cpu(Tensor qweight, Tensor scales, O
                                                 int64_t group_size, int64_t axis, int64_t layout,
                                                 int64_t out_features) {
   if (is_canonical(layout)) return canonical_copy(qweight, scales, zeros, bits, group_size, axis, out_features);
+  if (is_cuda_mma(layout)) {
+    const QuantParams p = cuda_mma_params(qweight, scales, zeros, bits, group_size, axis, out_features);
+    Tensor q = empty_like_device(qweight, {p.N, p.words_per_row()}, ScalarType::Int);
+    Tensor s = empty_like_device(scales, canonical_scale_shape(p), scales.scalar_type());
+    Tensor z = zeros ? empty_like_device(*zeros, canonical_scale_shape(p), ScalarType::Byte)
+                     : empty_zeros_placeholder(qweight);
+    repack_cuda_mma_to_canonical(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
+                                 zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p, q.mutable_data_ptr<int32_t>(),
+                                 s.mutable_data_ptr(), zeros ? z.mutable_data_ptr<uint8_t>() : nullptr,
+                                 torch_parallel_for());
+    return {q, s, z};
+  }
   const QuantParams p = bitplane_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
   Tensor q = empty_like_device(qweight, {p.N, p.words_per_row()}, ScalarType::Int);
   Tensor s = empty_like_device(scales, canonical_scale_shape(p), scales.scalar_type());

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "layerpress/cpu_kernels.h"
+#include "layerpress/cuda_mma_layout.h"
 
 namespace layerpress {
 
@@ -259,6 +260,31 @@ inline QuantParams canonical_params(const Tensor& qweight, const Tensor& scales,
   const QuantParams p = make_params(qweight.size(0), K, bits, group_size, axis, !zeros.has_value(),
                                     float_type_of(scales, "scales"));
   check_scales_zeros(scales, zeros, canonical_scale_shape(p), qweight, "qweight");
+  return p;
+}
+
+// ---- Layout::kCudaMma (cuda_mma_layout.h) ---------------------------------------------------------
+inline Shape cuda_mma_qweight_shape(const QuantParams& p) {
+  return {mma_layout::n_tiles(p.N), p.K / mma_layout::kTileK, mma_layout::words_per_tile(p.bits)};
+}
+inline Shape cuda_mma_scale_shape(const QuantParams& p) {
+  if (p.axis == GroupAxis::kPerOC) return {mma_layout::n_tiles(p.N), p.K / p.group, mma_layout::kTileN};
+  return {mma_layout::n_tiles(p.N), p.K, mma_layout::ic_groups_per_strip(p.group)};
+}
+// Validates a kCudaMma weight triple for out_features N and returns its parameters.
+inline QuantParams cuda_mma_params(const Tensor& qweight, const Tensor& scales, const OptTensor& zeros,
+                                   int64_t bits, int64_t group_size, int64_t axis, int64_t N) {
+  check_bits(bits);
+  LP_CHECK_TYPE(qweight.scalar_type() == ScalarType::Int, "qweight must be int32, got ", qweight.scalar_type());
+  LP_CHECK_VALUE(qweight.dim() == 3 && qweight.size(2) == 32 * bits,
+                 "qweight must have the cuda_mma shape [ceil(N/64), K/16, 32*bits], got ", shape_str(qweight),
+                 " for bits=", bits, " (repack the canonical weight with layout=2 first)");
+  check_contiguous(qweight, "qweight");
+  const QuantParams p = make_params(N, qweight.size(1) * mma_layout::kTileK, bits, group_size, axis,
+                                    !zeros.has_value(), float_type_of(scales, "scales"));
+  LP_CHECK_VALUE(qweight.size(0) == mma_layout::n_tiles(N), "qweight has ", qweight.size(0),
+                 " 64-column strips but out_features=", N, " needs ", mma_layout::n_tiles(N));
+  check_scales_zeros(scales, zeros, cuda_mma_scale_shape(p), qweight, "qweight");
   return p;
 }
 

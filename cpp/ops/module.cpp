@@ -38,12 +38,17 @@ std::string build_info() {
   for (const auto& v : cpu_gemm_variants())
     if (v.supported()) variants.push_back(v.name);
   const std::string g = json_string(cpu_gemm_active().name);
+  std::string bf16_min_m;  // bits -> smallest M computed from bf16-rounded operands (tests read it)
+  for (const int bits : {2, 3, 4, 8})
+    if (cpu_gemm_bf16_min_m(bits) >= 0)
+      bf16_min_m += str_cat(bf16_min_m.empty() ? "" : ", ", "\"", bits, "\": ", cpu_gemm_bf16_min_m(bits));
   return str_cat("{\"version\": ", json_string(LAYERPRESS_VERSION),
                  ", \"torch_version\": ", json_string(LAYERPRESS_TORCH_BUILD_VERSION),
                  ", \"stable_abi_target\": ", json_string(str_cat(TORCH_FEATURE_VERSION >> 56, ".",
                                                                    (TORCH_FEATURE_VERSION >> 48) & 0xff)),
                  ", \"cpu_features\": ", json_list(cpu_features()),
                  ", \"cpu_gemm_variants\": ", json_list(variants),
+                 ", \"cpu_gemm_bf16_min_m\": {", bf16_min_m, "}",
                  ", \"cpu_kernels\": {\"gemm\": ", g, ", \"gemm_t\": ", g,
                  ", \"quantize\": \"portable\", \"dequantize\": \"portable\", \"repack\": \"portable\"}}");
 }

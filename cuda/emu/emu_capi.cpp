@@ -8,6 +8,8 @@
 #include "layerpress/norm_cuda.h"
 #include "layerpress/wtacrs_cuda.h"
 
+#include <vector>
+
 using namespace layerpress;
 
 namespace {
@@ -21,6 +23,21 @@ QuantParams params(int64_t N, int64_t K, int bits, int group, int axis, int symm
   p.symmetric = symmetric != 0;
   p.scale_type = static_cast<FloatType>(scale_type);
   return p;
+}
+GemmArgs gemm_args(const int32_t* qweight, const void* scales, const uint8_t* zeros, const QuantParams& p, int64_t M,
+                   int act_type, const void* x, int64_t ldx, const void* bias, void* y) {
+  GemmArgs a;
+  a.p = p;
+  a.qweight = qweight;
+  a.scales = scales;
+  a.zeros = zeros;
+  a.M = M;
+  a.act_type = static_cast<FloatType>(act_type);
+  a.x = x;
+  a.ldx = ldx;
+  a.bias = bias;
+  a.y = y;
+  return a;
 }
 }  // namespace
 
@@ -56,18 +73,30 @@ int lp_emu_dequantize(const int32_t* qweight, const void* scales, const uint8_t*
 int lp_emu_gemm(int transposed, const int32_t* qweight, const void* scales, const uint8_t* zeros, int64_t N,
                 int64_t K, int bits, int group, int axis, int symmetric, int scale_type, int64_t M, int act_type,
                 const void* x, int64_t ldx, const void* bias, void* y) {
-  GemmArgs a;
-  a.p = params(N, K, bits, group, axis, symmetric, scale_type);
-  a.qweight = qweight;
-  a.scales = scales;
-  a.zeros = zeros;
-  a.M = M;
-  a.act_type = static_cast<FloatType>(act_type);
-  a.x = x;
-  a.ldx = ldx;
-  a.bias = bias;
-  a.y = y;
+  const GemmArgs a = gemm_args(qweight, scales, zeros, params(N, K, bits, group, axis, symmetric, scale_type), M,
+                               act_type, x, ldx, bias, y);
   return transposed ? gemm_t_canonical_cuda(a, nullptr) : gemm_canonical_cuda(a, nullptr);
+}
+
+// Layout::kCudaMma: to_layout = 1 repacks canonical -> layout, 0 the inverse.
+int lp_emu_repack_cuda_mma(int to_layout, const int32_t* q, const void* s, const uint8_t* z, int64_t N, int64_t K,
+                           int bits, int group, int axis, int symmetric, int scale_type, int32_t* q_out, void* s_out,
+                           uint8_t* z_out) {
+  const QuantParams p = params(N, K, bits, group, axis, symmetric, scale_type);
+  return to_layout ? repack_cuda_mma_cuda(q, s, z, p, q_out, s_out, z_out, nullptr)
+                   : unrepack_cuda_mma_cuda(q, s, z, p, q_out, s_out, z_out, nullptr);
+}
+// transposed = 0: the tensor-core GEMM (gemm_cuda_mma, with its own workspace); 1: gemm_t on the layout.
+// *tensor_cores (if given) reports whether the tensor-core kernel ran.
+int lp_emu_gemm_cuda_mma(int transposed, const int32_t* qweight, const void* scales, const uint8_t* zeros, int64_t N,
+                         int64_t K, int bits, int group, int axis, int symmetric, int scale_type, int64_t M,
+                         int act_type, const void* x, int64_t ldx, const void* bias, void* y, int* tensor_cores) {
+  const GemmArgs a = gemm_args(qweight, scales, zeros, params(N, K, bits, group, axis, symmetric, scale_type), M,
+                               act_type, x, ldx, bias, y);
+  if (transposed) return gemm_t_simple_cuda(a, Layout::kCudaMma, nullptr);
+  if (tensor_cores) *tensor_cores = gemm_cuda_mma_uses_tensor_cores(a) ? 1 : 0;
+  std::vector<unsigned char> workspace(gemm_cuda_mma_workspace_bytes(a));
+  return gemm_cuda_mma(a, workspace.empty() ? nullptr : workspace.data(), nullptr);
 }
 
 int lp_emu_norm_forward(int64_t rows, int64_t cols, int type, int center, double eps, const void* x,

@@ -14,8 +14,12 @@
 //   column k = k0 + l; warp w walks n = w, w + kWarps, ... decoding W[n, k] and multiplying it into
 //   up to kTileM gradient rows (g[m, n] is one broadcast load per warp). The kWarps partial sums
 //   per output are added in shared memory in a fixed order (deterministic), then stored.
+//
+// Both kernels also read Layout::kCudaMma (the tensor-core kernel's layout, gemm_cuda_mma.cu): they
+// are its fallback for fp32 activations and unaligned rows, and its transposed product.
 #include "device_common.cuh"
 #include "layerpress/cuda_kernels.h"
+#include "layerpress/cuda_mma_layout.h"
 
 namespace layerpress {
 namespace {
@@ -36,6 +40,19 @@ struct GemmArgsDevice {  // GemmArgs resolved for the kernels
   const uint8_t* zeros;
   int64_t M;
   int64_t ldx;
+  bool mma_layout;  // Layout::kCudaMma instead of kCanonical
+
+  // The dequantised weight at (n, k), (q - z) * s in fp32 in either layout.
+  __device__ __forceinline__ float weight(int64_t n, int64_t k) const {
+    if (!mma_layout) return p.weight(qweight, scales, zeros, n, k);
+    namespace ml = mma_layout;
+    const int nn = static_cast<int>(n % ml::kTileN), kk = static_cast<int>(k % ml::kTileK);
+    const uint32_t* tile = qweight + ((n / ml::kTileN) * (p.K / ml::kTileK) + k / ml::kTileK) * ml::words_per_tile(p.bits);
+    const int32_t code = static_cast<int32_t>(ml::tile_code(tile, p.bits, ml::lane_of(kk, nn), ml::code_of(kk, nn)));
+    const int64_t sz = ml::scale_target(p.per_oc, p.N, p.K, p.group, p.scale_index(n, k));
+    const int32_t zero = p.symmetric ? p.sym_zero() : static_cast<int32_t>(zeros[sz]);
+    return __fmul_rn(static_cast<float>(code - zero), device::load_as_float(scales, sz, p.scale_type));
+  }
 };
 
 template <typename T>
@@ -53,7 +70,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
 #pragma unroll
     for (int i = 0; i < kTileM; ++i) acc[i] = 0.0f;
     for (int64_t k = lane; k < a.p.K; k += kWarpSize) {
-      const float w = a.p.weight(a.qweight, a.scales, a.zeros, n, k);
+      const float w = a.weight(n, k);
 #pragma unroll
       for (int i = 0; i < kTileM; ++i)
         if (i < rows) acc[i] += to_float(xt[i * a.ldx + k]) * w;
@@ -86,7 +103,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
 #pragma unroll
     for (int i = 0; i < kTileM; ++i) acc[i] = 0.0f;
     for (int64_t n = warp; n < a.p.N; n += kWarps) {
-      const float w = a.p.weight(a.qweight, a.scales, a.zeros, n, k);
+      const float w = a.weight(n, k);
 #pragma unroll
       for (int i = 0; i < kTileM; ++i)
         if (i < rows) acc[i] += to_float(gt[i * a.ldx + n]) * w;
@@ -106,8 +123,9 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 }
 
-GemmArgsDevice device_args(const GemmArgs& a) {
+GemmArgsDevice device_args(const GemmArgs& a, Layout layout) {
   GemmArgsDevice d;
+  d.mma_layout = layout == Layout::kCudaMma;
   d.p = DeviceQuant::from(a.p);
   d.qweight = reinterpret_cast<const uint32_t*>(a.qweight);
   d.scales = a.scales;
@@ -123,42 +141,49 @@ unsigned row_tiles(int64_t M) {
 }
 
 template <typename T>
-void launch_gemm(const GemmArgs& a, cudaStream_t stream) {
+void launch_gemm(const GemmArgs& a, Layout layout, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.p.N + kWarps - 1) / kWarps), row_tiles(a.M));
   LP_LAUNCH(grid, kWarps * kWarpSize, 0, stream, gemm_kernel<T>)(
-      device_args(a), static_cast<const T*>(a.x), static_cast<const T*>(a.bias),
+      device_args(a, layout), static_cast<const T*>(a.x), static_cast<const T*>(a.bias),
       static_cast<T*>(a.y));
 }
 
 template <typename T>
-void launch_gemm_t(const GemmArgs& a, cudaStream_t stream) {
+void launch_gemm_t(const GemmArgs& a, Layout layout, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.p.K / kWarpSize), row_tiles(a.M));
   LP_LAUNCH(grid, kWarps * kWarpSize, 0, stream, gemm_t_kernel<T>)(
-      device_args(a), static_cast<const T*>(a.x), static_cast<T*>(a.y));
+      device_args(a, layout), static_cast<const T*>(a.x), static_cast<T*>(a.y));
 }
 
 }  // namespace
 
-cudaError_t gemm_canonical_cuda(const GemmArgs& a, cudaStream_t stream) {
+cudaError_t gemm_simple_cuda(const GemmArgs& a, Layout layout, cudaStream_t stream) {
   if (a.M <= 0 || a.p.N <= 0 || a.p.K <= 0) return cudaSuccess;
   switch (a.act_type) {
-    case FloatType::kF32: launch_gemm<float>(a, stream); break;
-    case FloatType::kBF16: launch_gemm<__nv_bfloat16>(a, stream); break;
-    case FloatType::kF16: launch_gemm<__half>(a, stream); break;
+    case FloatType::kF32: launch_gemm<float>(a, layout, stream); break;
+    case FloatType::kBF16: launch_gemm<__nv_bfloat16>(a, layout, stream); break;
+    case FloatType::kF16: launch_gemm<__half>(a, layout, stream); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
-cudaError_t gemm_t_canonical_cuda(const GemmArgs& a, cudaStream_t stream) {
+cudaError_t gemm_t_simple_cuda(const GemmArgs& a, Layout layout, cudaStream_t stream) {
   if (a.M <= 0 || a.p.N <= 0 || a.p.K <= 0) return cudaSuccess;
   switch (a.act_type) {
-    case FloatType::kF32: launch_gemm_t<float>(a, stream); break;
-    case FloatType::kBF16: launch_gemm_t<__nv_bfloat16>(a, stream); break;
-    case FloatType::kF16: launch_gemm_t<__half>(a, stream); break;
+    case FloatType::kF32: launch_gemm_t<float>(a, layout, stream); break;
+    case FloatType::kBF16: launch_gemm_t<__nv_bfloat16>(a, layout, stream); break;
+    case FloatType::kF16: launch_gemm_t<__half>(a, layout, stream); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+cudaError_t gemm_canonical_cuda(const GemmArgs& a, cudaStream_t stream) {
+  return gemm_simple_cuda(a, Layout::kCanonical, stream);
+}
+cudaError_t gemm_t_canonical_cuda(const GemmArgs& a, cudaStream_t stream) {
+  return gemm_t_simple_cuda(a, Layout::kCanonical, stream);
 }
 
 }  // namespace layerpress

@@ -1,7 +1,8 @@
 // CUDA launchers: check arguments (same rules and messages as cpp/ops/cpu_ops.cpp), turn tensors
 // into pointers/QuantParams, and enqueue the kernels of cuda/include/layerpress/cuda_kernels.h on
-// the current stream of the tensors' device. The GEMM kernels read the canonical layout
-// (Layout::kCanonical), so repack/unrepack to layout 0 are plain copies on CUDA.
+// the current stream of the tensors' device. The GEMMs read Layout::kCudaMma (the tensor-core
+// kernel, gemm_cuda_mma.cu; QuantLinear's layout on CUDA) or Layout::kCanonical (the simple
+// kernels); repack/unrepack to layout 0 are plain copies on CUDA.
 #include "cuda_launch.h"
 #include "hadamard_cuda_launch.h"
 #include "layerpress/cuda_kernels.h"
@@ -9,12 +10,14 @@
 namespace layerpress {
 namespace {
 
-// CUDA kernels read the canonical layout only.
+// CUDA kernels read the canonical layout (simple kernels) and kCudaMma (the tensor-core GEMM).
 void check_cuda_layout(int64_t layout) {
-  LP_CHECK_VALUE(layout == static_cast<int64_t>(Layout::kCanonical), "layout ", layout,
-                 " is not a CUDA kernel layout; CUDA kernels use layout ", static_cast<int>(Layout::kCanonical),
-                 " (canonical); layout 1 (cpu_bitplane16) is for CPU tensors");
+  LP_CHECK_VALUE(layout == static_cast<int64_t>(Layout::kCanonical) || layout == static_cast<int64_t>(Layout::kCudaMma),
+                 "layout ", layout, " is not a CUDA kernel layout; CUDA kernels use layout ",
+                 static_cast<int>(Layout::kCudaMma), " (cuda_mma, tensor cores) or ",
+                 static_cast<int>(Layout::kCanonical), " (canonical); layout 1 (cpu_bitplane16) is for CPU tensors");
 }
+bool is_cuda_mma(int64_t layout) { return layout == static_cast<int64_t>(Layout::kCudaMma); }
 
 // ---- format ops -----------------------------------------------------------------------------------
 
@@ -86,14 +89,37 @@ std::tuple<Tensor, Tensor, Tensor> canonical_copy(const Tensor& qweight, const T
 std::tuple<Tensor, Tensor, Tensor> repack_cuda(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits,
                                                int64_t group_size, int64_t axis, int64_t layout) {
   check_cuda_layout(layout);
-  canonical_params(qweight, scales, zeros, bits, group_size, axis);
-  return canonical_copy(qweight, scales, zeros);
+  const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
+  if (!is_cuda_mma(layout)) return canonical_copy(qweight, scales, zeros);
+  const CudaDeviceGuard guard(qweight);
+  Tensor q = empty_like_device(qweight, cuda_mma_qweight_shape(p), ScalarType::Int);
+  Tensor s = empty_like_device(scales, cuda_mma_scale_shape(p), scales.scalar_type());
+  Tensor z = empty_like_device(qweight, zeros ? cuda_mma_scale_shape(p) : Shape{0}, ScalarType::Byte);
+  check_launch(repack_cuda_mma_cuda(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
+                                    zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p,
+                                    q.mutable_data_ptr<int32_t>(), s.mutable_data_ptr(),
+                                    zeros ? z.mutable_data_ptr<uint8_t>() : nullptr, current_stream(qweight)),
+               "repack");
+  return {q, s, z};
 }
 
 std::tuple<Tensor, Tensor, Tensor> unrepack_cuda(Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits,
                                                  int64_t group_size, int64_t axis, int64_t layout,
                                                  int64_t out_features) {
   check_cuda_layout(layout);
+  if (is_cuda_mma(layout)) {
+    const QuantParams p = cuda_mma_params(qweight, scales, zeros, bits, group_size, axis, out_features);
+    const CudaDeviceGuard guard(qweight);
+    Tensor q = empty_like_device(qweight, {p.N, p.words_per_row()}, ScalarType::Int);
+    Tensor s = empty_like_device(scales, canonical_scale_shape(p), scales.scalar_type());
+    Tensor z = empty_like_device(qweight, zeros ? canonical_scale_shape(p) : Shape{0}, ScalarType::Byte);
+    check_launch(unrepack_cuda_mma_cuda(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
+                                        zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, p,
+                                        q.mutable_data_ptr<int32_t>(), s.mutable_data_ptr(),
+                                        zeros ? z.mutable_data_ptr<uint8_t>() : nullptr, current_stream(qweight)),
+                 "unrepack");
+    return {q, s, z};
+  }
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
   LP_CHECK_VALUE(p.N == out_features, "qweight has ", p.N, " rows but out_features=", out_features);
   return canonical_copy(qweight, scales, zeros);
@@ -105,6 +131,7 @@ std::tuple<Tensor, Tensor, Tensor> unrepack_cuda(Tensor qweight, Tensor scales, 
 QuantParams gemm_params(const Tensor& qweight, const Tensor& scales, const OptTensor& zeros, int64_t bits,
                         int64_t group_size, int64_t axis, int64_t layout, int64_t N) {
   check_cuda_layout(layout);
+  if (is_cuda_mma(layout)) return cuda_mma_params(qweight, scales, zeros, bits, group_size, axis, N);
   const QuantParams p = canonical_params(qweight, scales, zeros, bits, group_size, axis);
   LP_CHECK_VALUE(p.N == N, "qweight has ", p.N, " rows but out_features=", N);
   return p;
@@ -126,6 +153,12 @@ Tensor gemm_cuda(Tensor x, Tensor qweight, Tensor scales, OptTensor zeros, OptTe
   if (rotate) x2 = rotated_rows_cuda(x2, x, rot_block, signs);
   GemmArgs a = gemm_args(p, x2, float_type_of(x, "x"), qweight, scales, zeros, y);
   a.bias = bias ? bias->const_data_ptr() : nullptr;
+  if (is_cuda_mma(layout)) {
+    const size_t ws_bytes = gemm_cuda_mma_workspace_bytes(a);
+    Tensor ws = empty_like_device(qweight, {static_cast<int64_t>(ws_bytes)}, ScalarType::Byte);
+    check_launch(gemm_cuda_mma(a, ws_bytes ? ws.mutable_data_ptr() : nullptr, current_stream(qweight)), "gemm");
+    return y;
+  }
   check_launch(gemm_canonical_cuda(a, current_stream(qweight)), "gemm");
   return y;
 }
@@ -140,7 +173,9 @@ Tensor gemm_t_cuda(Tensor grad, Tensor qweight, Tensor scales, OptTensor zeros, 
   Tensor y = empty_like_device(grad, with_last_dim(grad, p.K), grad.scalar_type());
   if (g2.rows == 0) return y;
   GemmArgs a = gemm_args(p, g2, float_type_of(grad, "grad"), qweight, scales, zeros, y);
-  check_launch(gemm_t_canonical_cuda(a, current_stream(qweight)), "gemm_t");
+  check_launch(is_cuda_mma(layout) ? gemm_t_simple_cuda(a, Layout::kCudaMma, current_stream(qweight))
+                                    : gemm_t_canonical_cuda(a, current_stream(qweight)),
+               "gemm_t");
   if (rotate) rotate_back_cuda(y, g2.rows, p.K, rot_block, signs);
   return y;
 }

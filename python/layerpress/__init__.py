@@ -66,7 +66,9 @@ def build_info() -> dict:
 
 def set_cpu_gemm_variant(name: str) -> None:
     """Forces a CPU GEMM variant by name (``""`` restores the automatic choice); for tests and
-    benchmarks. Raises ValueError for an unknown or unsupported variant."""
+    benchmarks, or ``"avx512"`` for the exact fp32 product where the automatic choice is
+    ``"avx512_bf16"`` (which multiplies bf16-rounded operands from a few rows on; see
+    docs/kernels.md). Raises ValueError for an unknown or unsupported variant."""
     _typed_errors(torch.ops.layerpress.set_cpu_gemm_variant)(name)
 
 

@@ -13,6 +13,7 @@ class Layout(enum.IntEnum):
 
     CANONICAL = 0  # file layout: [N, K*bits/32] int32, LSB-first bit stream per row
     CPU_BITPLANE16 = 1  # CPU kernels: 16-row tiles x 32-column blocks, one word per bit plane
+    CUDA_MMA = 2  # CUDA tensor-core GEMM: 16(k) x 64(n) tiles of mma.sync B fragments
 
 
 AXES = {"oc": 0, "ic": 1}

@@ -44,6 +44,17 @@ void repack_bitplane_to_canonical(const int32_t* q, const void* s, const uint8_t
                                   const QuantParams& p, int32_t* q_out, void* s_out,
                                   uint8_t* z_out, const ParallelFor& pf);
 
+// ---- kCudaMma (the CUDA tensor-core layout, cuda_mma_layout.h) -------------------------------------
+// Produced on the CPU too, so CPU tests and the CUDA emulator check it bit for bit.
+// qweight [ceil(N/64), K/16, 32*bits] int32; scales/zeros per-OC [ceil(N/64), K/g, 64],
+// per-IC [ceil(N/64), K, g == 32 ? 2 : 1] (padding 0).
+void repack_canonical_to_cuda_mma(const int32_t* q, const void* s, const uint8_t* z,
+                                  const QuantParams& p, int32_t* q_out, void* s_out,
+                                  uint8_t* z_out, const ParallelFor& pf);
+void repack_cuda_mma_to_canonical(const int32_t* q, const void* s, const uint8_t* z,
+                                  const QuantParams& p, int32_t* q_out, void* s_out,
+                                  uint8_t* z_out, const ParallelFor& pf);
+
 // ---- low-bit GEMM on kCpuBitplane16 -------------------------------------------------------------
 // The CPU kernels read GemmArgs (quant_format.h) with the weight in kCpuBitplane16.
 
@@ -66,7 +77,12 @@ bool cpu_has_avx2();
 bool cpu_has_avx512();
 // LAYERPRESS_LUT_MAX_M, read once: forces the largest M of the table-lookup path (tests run both
 // GEMM paths at every M with it); -1 when unset.
-int64_t lut_max_m_override();        // what this CPU offers, for build_info
+int64_t lut_max_m_override();
+// avx512_bf16: the largest M that stays on the exact table-lookup path (override included).
+int64_t bf16_variant_lut_max_m(int bits);
+// The smallest M whose forward product (fp32/bf16 activations) the active variant computes from
+// bf16-rounded operands, or -1 when it never does for this bit width.
+int64_t cpu_gemm_bf16_min_m(int bits);
 
 // Variants (defined in their own translation units, each compiled for its ISA).
 void gemm_generic(const GemmArgs&, const ParallelFor&);
@@ -75,5 +91,7 @@ void gemm_avx2(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx2(const GemmArgs&, const ParallelFor&);
 void gemm_avx512(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx512(const GemmArgs&, const ParallelFor&);
+void gemm_avx512bf16(const GemmArgs&, const ParallelFor&);
+void gemm_t_avx512bf16(const GemmArgs&, const ParallelFor&);
 
 }  // namespace layerpress

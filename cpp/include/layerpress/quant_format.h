@@ -17,6 +17,7 @@ enum class GroupAxis : int {
 enum class Layout : int {
   kCanonical = 0,       // file layout: row-major [N, K*bits/32] int32, LSB-first bit stream per row
   kCpuBitplane16 = 1,   // CPU kernels: 16-row tiles, 32-column blocks, one 32-bit word per bit plane
+  kCudaMma = 2,         // CUDA tensor-core GEMM: 16x64 tiles of mma.sync B fragments (cuda_mma_layout.h)
 };
 
 // Element type of scales and activations, independent of torch's ScalarType numbering.

@@ -48,4 +48,22 @@ cudaError_t gemm_canonical_cuda(const GemmArgs& a, cudaStream_t stream);
 // Y = G · dequant(W) (the input gradient of the forward product); `bias` is ignored.
 cudaError_t gemm_t_canonical_cuda(const GemmArgs& a, cudaStream_t stream);
 
+// The same simple kernels on Layout::kCanonical or Layout::kCudaMma (any M, N, activation type).
+cudaError_t gemm_simple_cuda(const GemmArgs& a, Layout layout, cudaStream_t stream);
+cudaError_t gemm_t_simple_cuda(const GemmArgs& a, Layout layout, cudaStream_t stream);
+
+// ---- Layout::kCudaMma (layerpress/cuda_mma_layout.h) ------------------------------------------------
+// GemmArgs with qweight [ceil(N/64), K/16, 32*bits] and scales/zeros in the layout's shapes.
+// Canonical triple -> kCudaMma triple and back (the same functions as the CPU repack).
+cudaError_t repack_cuda_mma_cuda(const int32_t* q, const void* s, const uint8_t* z, const QuantParams& p,
+                                 int32_t* q_out, void* s_out, uint8_t* z_out, cudaStream_t stream);
+cudaError_t unrepack_cuda_mma_cuda(const int32_t* q, const void* s, const uint8_t* z, const QuantParams& p,
+                                   int32_t* q_out, void* s_out, uint8_t* z_out, cudaStream_t stream);
+// Y = X · dequant(W)ᵀ (+ bias) on tensor cores (gemm_cuda_mma.cu) for fp16/bf16 activations whose
+// rows are 16-byte aligned; anything else runs gemm_simple_cuda on the same layout. `workspace`:
+// gemm_cuda_mma_workspace_bytes(a) bytes of device memory (nullptr when that is 0), for split-K.
+size_t gemm_cuda_mma_workspace_bytes(const GemmArgs& a);
+bool gemm_cuda_mma_uses_tensor_cores(const GemmArgs& a);
+cudaError_t gemm_cuda_mma(const GemmArgs& a, void* workspace, cudaStream_t stream);
+
 }  // namespace layerpress

@@ -10,6 +10,7 @@
     layerpress eval DIR      evaluate a saved quantised model (perplexity, embedding fidelity,
                              per-layer reconstruction error against --reference)
     layerpress inspect DIR   what a saved quantised model holds, per layer and in total
+    layerpress export DIR    write a quantised checkpoint as compressed-tensors, GGUF, AWQ or GPTQ
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
-from . import bench, demo, evaluate, info, inspect, quantize
+from . import bench, demo, evaluate, export, info, inspect, quantize
 from .common import PROG, UsageError
 
 __all__ = ["main", "build_parser", "UsageError", "PROG"]
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="layerpress: low-bit GEMM, per-input-channel quantisation and compression "
                     "flows for PyTorch. With no command, runs `demo`.",
         epilog="`layerpress bench --help` lists the benchmark options.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize,eval,inspect}")
-    for command in (demo, info, bench, quantize, evaluate, inspect):
+    sub = p.add_subparsers(dest="command", metavar="{demo,info,bench,quantize,eval,inspect,export}")
+    for command in (demo, info, bench, quantize, evaluate, inspect, export):
         command.add_parser(sub)
     return p
 
@@ -58,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return evaluate.evaluate(args)
         if args.command == "inspect":
             return inspect.inspect_saved(args)
+        if args.command == "export":
+            return export.export(args)
         parser.error(f"unknown command {args.command!r}")
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -225,8 +225,8 @@ def optional_tensor(tensors: TensorFile, key: str) -> Optional[torch.Tensor]:
     return tensors.get(key) if key in tensors else None
 
 
-def quantised_layer_names(tensors: TensorFile) -> list:
-    return sorted(k[: -len(".qweight")] for k in tensors.keys() if k.endswith(".qweight"))
+def quantised_layer_names(tensors: TensorFile, marker: str = ".qweight") -> list:
+    return sorted(k[: -len(marker)] for k in tensors.keys() if k.endswith(marker))
 
 
 # ---- building the model -------------------------------------------------------------------------
@@ -310,16 +310,18 @@ def _ignorable(model: nn.Module, key: str, unstored: set) -> bool:
 
 
 def import_model(model_dir, model: Optional[nn.Module], dtype: Optional[torch.dtype],
-                 layer_importer: Callable[[str, TensorFile, int, int], tuple]) -> nn.Module:
-    """The model-level import shared by AWQ and GPTQ: build (or take) the model, turn every layer
-    with a ``<name>.qweight`` into a QuantLinear through ``layer_importer(name, tensors, K, N)``
-    (returns the QuantLinear and the tensor keys it consumed), load everything else."""
+                 layer_importer: Callable[[str, TensorFile, int, int], tuple],
+                 marker: str = ".qweight", fmt: str = "AWQ/GPTQ") -> nn.Module:
+    """The model-level import shared by AWQ, GPTQ and compressed-tensors: build (or take) the
+    model, turn every layer with a ``<name><marker>`` tensor into a QuantLinear through
+    ``layer_importer(name, tensors, K, N)`` (returns the QuantLinear and the tensor keys it
+    consumed), load everything else."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     tensors = TensorFile(model_dir)
-    names = quantised_layer_names(tensors)
+    names = quantised_layer_names(tensors, marker)
     if not names:
-        raise ValueError(f"{model_dir}: no '<layer>.qweight' tensors: not an AWQ/GPTQ checkpoint")
+        raise ValueError(f"{model_dir}: no '<layer>{marker}' tensors: not a {fmt} checkpoint")
     if model is None:
         model = build_model(cfg, model_dir)
     used = set()
@@ -391,7 +393,8 @@ def float_tensors(model: nn.Module, layers: Iterable[str]) -> Dict[str, torch.Te
     from ..flows.io import _dedupe
 
     prefixes = tuple(f"{n}." for n in layers)
-    weight_keys = ("qweight", "scales", "zeros", "in_perm")
+    weight_keys = ("qweight", "scales", "zeros", "in_perm", "outlier_idx", "outlier_val", "lorc_a",
+                   "lorc_b", "rot_signs")
     sd = {k: v for k, v in model.state_dict().items()
           if not (k.startswith(prefixes) and k.rpartition(".")[2] in weight_keys)}
     out, aliases = _dedupe(sd)
@@ -408,3 +411,62 @@ def hf_config(model: nn.Module, qcfg: dict) -> dict:
     cfg["architectures"] = [type(model).__name__]
     cfg["quantization_config"] = qcfg
     return cfg
+
+
+# ---- what the per-OC group formats cannot hold: refuse, or requantise on request ----------------
+
+def unrepresentable(m: QuantLinear) -> list:
+    """Why a layer has no counterpart in the per-OC group formats (compressed-tensors, GGUF):
+    per-input-channel groups, a rotation, 16-bit side paths (empty list: none of these)."""
+    why = []
+    if m.spec.axis != "oc":
+        why.append("per-input-channel groups (axis='ic'; these formats group along K)")
+    # rotations (QuantSpec.rotation "none"/"hadamard" and the layer's rot_signs, once they
+    # exist): checked by attribute, so this works with and without them
+    if getattr(m.spec, "rotation", None) not in (None, "none") or getattr(m, "rot_signs", None) is not None:
+        why.append("a rotation")
+    for side in ("outlier_idx", "lorc_a"):
+        if getattr(m, side, None) is not None:
+            why.append(f"a 16-bit side path ({side})")
+    return why
+
+
+def weight_error(approx: torch.Tensor, exact: torch.Tensor) -> dict:
+    """``max_abs_error`` and ``rel_error`` (Frobenius, relative to ``exact``) of a weight."""
+    d = (approx.double() - exact.double())
+    norm = float(exact.double().norm())
+    return {"max_abs_error": float(d.abs().max()) if d.numel() else 0.0,
+            "rel_error": float(d.norm()) / norm if norm > 0 else float(d.norm())}
+
+
+def requantize_layer(m: QuantLinear, spec: QuantSpec) -> tuple:
+    """``(new layer, error)``: the layer's effective weight (what it multiplies its input by:
+    dequantised codes plus any side paths, any rotation undone, input channels in the input's
+    order) quantised again, round-to-nearest, with ``spec``; ``error`` compares the new weight
+    with that effective weight."""
+    from ..nn import quantize_linear
+
+    w = m.effective_weight(torch.float32)
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if m.bias is not None:
+            lin.bias.copy_(m.bias.detach().float())
+    new = quantize_linear(lin, spec)
+    if m.bias is not None:
+        new.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+    return new, weight_error(new.dequantized_weight(torch.float32), w)
+
+
+def refuse_unrepresentable(layers: Dict[str, QuantLinear], fmt: str, requantize: bool) -> Dict[str, list]:
+    """``{name: reasons}`` of the layers the format cannot hold; raises (naming them and why)
+    unless ``requantize``, in which case the caller converts them."""
+    bad = {name: why for name, m in layers.items() if (why := unrepresentable(m))}
+    if bad and not requantize:
+        listing = "; ".join(f"{name}: {', '.join(why)}" for name, why in list(bad.items())[:8])
+        more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise ValueError(f"export_{fmt}: {len(bad)} layer(s) have features {fmt} cannot store: "
+                         f"{listing}{more}. Pass requantize=True (CLI: --requantize) to convert them "
+                         "to the format's per-output-channel groups; the added error is reported "
+                         "per layer")
+    return bad

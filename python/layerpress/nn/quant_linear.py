@@ -82,7 +82,11 @@ def _csr_from_flat(idx: torch.Tensor, val: torch.Tensor, n: int, k: int, transpo
 
 def layout_for(device: torch.device) -> Layout:
     """The weight layout the GEMM kernels of a device read."""
-    return Layout.CPU_BITPLANE16 if torch.device(device).type == "cpu" else Layout.CANONICAL
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return Layout.CPU_BITPLANE16
+    # meta (and any other device) keeps the canonical layout: what loaders size parameters by
+    return Layout.CUDA_MMA if kind == "cuda" else Layout.CANONICAL
 
 
 class QuantLinear(nn.Module):

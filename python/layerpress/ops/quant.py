@@ -35,6 +35,24 @@ def _native_scale_shape(axis: int, g: int, n: int, k: int):
     return (tiles, k // g, TILE_ROWS) if axis == 0 else (n // g, k)
 
 
+MMA_TILE_K, MMA_TILE_N = 16, 64  # tiles of Layout.CUDA_MMA
+
+
+def _mma_shapes(axis: int, g: int, bits: int, n: int, k: int):
+    strips = (n + MMA_TILE_N - 1) // MMA_TILE_N
+    sshape = (strips, k // g, MMA_TILE_N) if axis == 0 else (strips, k, 2 if g == 32 else 1)
+    return (strips, k // MMA_TILE_K, 32 * bits), sshape
+
+
+def _layout_k(qweight, bits: int, layout: int) -> int:
+    """in_features of a packed weight in `layout`."""
+    if layout == Layout.CANONICAL:
+        return qweight.shape[1] * 32 // bits
+    if layout == Layout.CUDA_MMA:
+        return qweight.shape[1] * MMA_TILE_K
+    return qweight.shape[1] * 32
+
+
 # ---- fakes ---------------------------------------------------------------------------------------
 
 @torch.library.register_fake("layerpress::quantize")
@@ -71,6 +89,10 @@ def _(qweight, scales, zeros, bits, group_size, axis, layout):
     n = qweight.shape[0]
     k = qweight.shape[1] * 32 // bits
     g = _group(group_size, axis, n, k)
+    if layout == Layout.CUDA_MMA:
+        qshape, sshape = _mma_shapes(axis, g, bits, n, k)
+        z = qweight.new_empty((0,) if zeros is None else sshape, dtype=torch.uint8)
+        return qweight.new_empty(qshape), scales.new_empty(sshape), z
     tiles = (n + TILE_ROWS - 1) // TILE_ROWS
     sshape = _native_scale_shape(axis, g, n, k)
     q = qweight.new_empty((tiles, k // 32, bits, TILE_ROWS))
@@ -84,7 +106,7 @@ def _(qweight, scales, zeros, bits, group_size, axis, layout, out_features):
     if layout == Layout.CANONICAL:  # a validated copy
         z = qweight.new_empty((0,), dtype=torch.uint8) if zeros is None else torch.empty_like(zeros)
         return torch.empty_like(qweight), torch.empty_like(scales), z
-    n, k = out_features, qweight.shape[1] * 32
+    n, k = out_features, _layout_k(qweight, bits, layout)
     g = _group(group_size, axis, n, k)
     sshape = _scale_shape(axis, g, n, k)
     q = qweight.new_empty((n, k * bits // 32))
@@ -102,7 +124,7 @@ def _(x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_featu
 @torch.library.register_fake("layerpress::gemm_t")
 def _(grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features, rot_signs=None,
       rot_block=0):
-    k = qweight.shape[1] * 32 // bits if layout == Layout.CANONICAL else qweight.shape[1] * 32
+    k = _layout_k(qweight, bits, layout)
     return grad.new_empty((*grad.shape[:-1], k))
 
 
