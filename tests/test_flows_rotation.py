@@ -174,15 +174,16 @@ def test_rotated_quantlinear_forward_and_weight():
     x = torch.randn(5, 256)
     y = q(x)
     ref = x.double() @ q.dequantized_weight(torch.float64).t() + lin.bias.double()
-    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    # (relative to the output: the default CPU variant may compute in bf16, e.g. avx512_bf16)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
     assert ((y - lin(x)).norm() / lin(x).norm()).item() < 0.1  # W4 of W·R, rotated back
     assert "rotation=hadamard(64)" in repr(q)
     h = q.half()
     assert h.rot_signs.dtype == torch.float32 and h.scales.dtype == torch.float16
     x.requires_grad_()
     q(x).sum().backward()
-    torch.testing.assert_close(x.grad.double(), q.dequantized_weight(torch.float64).sum(0).expand(5, -1),
-                               rtol=1e-4, atol=1e-4)
+    g_ref = q.dequantized_weight(torch.float64).sum(0).expand(5, -1)
+    assert ((x.grad.double() - g_ref).norm() / g_ref.norm()).item() < 1e-2
 
 
 def test_rotated_quantlinear_state_dict():
