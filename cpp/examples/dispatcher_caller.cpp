@@ -59,7 +59,7 @@ auto gemm_op() {
   return c10::Dispatcher::singleton()
       .findSchemaOrThrow("layerpress::gemm", "")
       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
-                    int64_t, int64_t, int64_t, int64_t)>();
+                    int64_t, int64_t, int64_t, int64_t, const OptTensor&, int64_t)>();
 }
 
 constexpr int64_t kCpuBitplaneLayout = 1;  // Layout.CPU_BITPLANE16
@@ -111,7 +111,8 @@ int run_cases(const std::vector<int64_t>& bits_list, int64_t M) {
       const Tensor qweight = pack.call(codes, bits);
       Tensor q1, s1, z1;
       std::tie(q1, s1, z1) = repack.call(qweight, scales, zeros, bits, group, axis, kCpuBitplaneLayout);
-      const Tensor y = gemm.call(x, q1, s1, z1, bias, bits, group, axis, kCpuBitplaneLayout, N);
+      // the last two: no input rotation (rot_signs=None, rot_block=0)
+      const Tensor y = gemm.call(x, q1, s1, z1, bias, bits, group, axis, kCpuBitplaneLayout, N, std::nullopt, 0);
 
       Tensor w_ref = dequantize_reference(codes, scales, zeros, group, axis);
       Tensor x_ref = x.to(at::kDouble);

@@ -42,6 +42,9 @@ int best_index() {
 
 }  // namespace
 
+bool cpu_has_avx2() { return has_avx2(); }
+bool cpu_has_avx512() { return has_avx512(); }
+
 const std::vector<CpuGemmVariant>& cpu_gemm_variants() {
   static const std::vector<CpuGemmVariant> v = {
       {"generic", always, gemm_generic, gemm_t_generic},

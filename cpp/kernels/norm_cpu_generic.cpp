@@ -12,30 +12,7 @@
 namespace layerpress {
 namespace {
 
-struct BF16 { uint16_t v; };
-struct F16 { uint16_t v; };
-
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  using Acc = float;
-  static float ld(float v) { return v; }
-  static float st(float v) { return v; }
-};
-template <> struct Elem<double> {
-  using Acc = double;
-  static double ld(double v) { return v; }
-  static double st(double v) { return v; }
-};
-template <> struct Elem<BF16> {
-  using Acc = float;
-  static float ld(BF16 v) { return bf16_to_f32(v.v); }
-  static BF16 st(float v) { return BF16{f32_to_bf16(v)}; }
-};
-template <> struct Elem<F16> {
-  using Acc = float;
-  static float ld(F16 v) { return f16_to_f32(v.v); }
-  static F16 st(float v) { return F16{f32_to_f16(v)}; }
-};
+#include "cpu_elem.inc"
 
 constexpr int kLanes = 8;
 

@@ -1,4 +1,6 @@
 // CPU launchers: check arguments, turn tensors into pointers/QuantParams, call the kernels.
+#include "cpu_output_cache.h"
+#include "hadamard_launch.h"
 #include "launch_utils.h"
 
 namespace layerpress {
@@ -139,13 +141,28 @@ std::tuple<Tensor, Tensor, Tensor> unrepack_cpu(Tensor qweight, Tensor scales, O
   return {q, s, z};
 }
 
+// The optional input rotation (rot_block > 0): the GEMM kernels read the activation rows as
+// given, so the launcher writes the rotated rows (same dtype) into an output-cache buffer and
+// points the kernel at it; gemm_t rotates its output rows back in place (the transform's
+// transpose). One extra pass over the M x K activation, none over the weight.
 Tensor gemm_cpu(Tensor x, Tensor qweight, Tensor scales, OptTensor zeros, OptTensor bias, int64_t bits,
-                int64_t group_size, int64_t axis, int64_t layout, int64_t out_features) {
+                int64_t group_size, int64_t axis, int64_t layout, int64_t out_features, OptTensor rot_signs,
+                int64_t rot_block) {
   const QuantParams p = bitplane_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
-  const RowMatrix x2 = flat_activation(x, p.K, "x", "in_features", qweight);
+  RowMatrix x2 = flat_activation(x, p.K, "x", "in_features", qweight);
   check_bias(bias, x, p.N, qweight);
+  Tensor signs;
+  const bool rotate = gemm_rotation(rot_block, rot_signs, p.K, x, "x", &signs);
   Tensor y = empty_like_device(x, with_last_dim(x, p.N), x.scalar_type());
   if (x2.rows == 0) return y;
+  Tensor rotated;
+  if (rotate) {
+    rotated = empty_cpu_output({x2.rows, p.K}, x.scalar_type());
+    cpu_hadamard_active().run(hadamard_args(x2, rot_block, signs, false, norm_type_of(x, "x"),
+                                            rotated.mutable_data_ptr(), p.K),
+                              torch_parallel_for());
+    x2 = RowMatrix{rotated.const_data_ptr(), x2.rows, p.K, p.K, rotated};
+  }
   GemmArgs a = gemm_args(p, x2, float_type_of(x, "x"), qweight, scales, zeros, y);
   a.bias = bias ? bias->const_data_ptr() : nullptr;
   cpu_gemm_active().gemm(a, torch_parallel_for());
@@ -153,13 +170,21 @@ Tensor gemm_cpu(Tensor x, Tensor qweight, Tensor scales, OptTensor zeros, OptTen
 }
 
 Tensor gemm_t_cpu(Tensor grad, Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits, int64_t group_size,
-                  int64_t axis, int64_t layout, int64_t out_features) {
+                  int64_t axis, int64_t layout, int64_t out_features, OptTensor rot_signs, int64_t rot_block) {
   const QuantParams p = bitplane_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
   const RowMatrix g2 = flat_activation(grad, p.N, "grad", "out_features", qweight);
+  Tensor signs;
+  const bool rotate = gemm_rotation(rot_block, rot_signs, p.K, grad, "grad", &signs);
   Tensor y = empty_like_device(grad, with_last_dim(grad, p.K), grad.scalar_type());
   if (g2.rows == 0) return y;
   GemmArgs a = gemm_args(p, g2, float_type_of(grad, "grad"), qweight, scales, zeros, y);
   cpu_gemm_active().gemm_t(a, torch_parallel_for());
+  if (rotate) {
+    const RowMatrix y2{y.const_data_ptr(), g2.rows, p.K, p.K, Tensor()};
+    cpu_hadamard_active().run(hadamard_args(y2, rot_block, signs, true, norm_type_of(grad, "grad"),
+                                            y.mutable_data_ptr(), p.K),
+                              torch_parallel_for());
+  }
   return y;
 }
 

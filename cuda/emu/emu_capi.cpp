@@ -4,6 +4,7 @@
 // library calls (cuda/include/layerpress/*.h), with host pointers standing in for device ones.
 // Every function returns the cudaError_t of the launch; lp_emu_last_error() gives the detail.
 #include "layerpress/cuda_kernels.h"
+#include "layerpress/hadamard_cuda.h"
 #include "layerpress/norm_cuda.h"
 #include "layerpress/wtacrs_cuda.h"
 
@@ -178,4 +179,19 @@ int lp_emu_wtacrs_wgrad(const void* g, int64_t ldg, int64_t N, const void* rows,
   return wtacrs_wgrad_cuda(g, ldg, N, rows, D, idx, scale, k, static_cast<FloatType>(type), dw, nullptr);
 }
 
+int lp_emu_hadamard(int64_t rows, int64_t cols, int64_t block, int type, int transpose, const void* x,
+                    int64_t x_stride, const float* signs, void* y, int64_t y_stride) {
+  HadamardArgs a;
+  a.rows = rows;
+  a.cols = cols;
+  a.block = block;
+  a.type = static_cast<NormType>(type);
+  a.transpose = transpose != 0;
+  a.x = x;
+  a.x_stride = x_stride;
+  a.signs = signs;
+  a.y = y;
+  a.y_stride = y_stride;
+  return hadamard_cuda(a, nullptr);
+}
 }  // extern "C"

@@ -4,6 +4,7 @@
 // kernel, gemm_cuda_mma.cu; QuantLinear's layout on CUDA) or Layout::kCanonical (the simple
 // kernels); repack/unrepack to layout 0 are plain copies on CUDA.
 #include "cuda_launch.h"
+#include "hadamard_cuda_launch.h"
 #include "layerpress/cuda_kernels.h"
 
 namespace layerpress {
@@ -136,14 +137,20 @@ QuantParams gemm_params(const Tensor& qweight, const Tensor& scales, const OptTe
   return p;
 }
 
+// rot_signs/rot_block: the input rotation, applied by a separate hadamard launch for now
+// (hadamard_cuda_launch.h: interim, not fused into the GEMM kernel).
 Tensor gemm_cuda(Tensor x, Tensor qweight, Tensor scales, OptTensor zeros, OptTensor bias, int64_t bits,
-                 int64_t group_size, int64_t axis, int64_t layout, int64_t out_features) {
+                 int64_t group_size, int64_t axis, int64_t layout, int64_t out_features, OptTensor rot_signs,
+                 int64_t rot_block) {
   const QuantParams p = gemm_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
   const CudaDeviceGuard guard(qweight);
-  const RowMatrix x2 = flat_activation(x, p.K, "x", "in_features", qweight);
+  RowMatrix x2 = flat_activation(x, p.K, "x", "in_features", qweight);
   check_bias(bias, x, p.N, qweight);
+  Tensor signs;
+  const bool rotate = gemm_rotation(rot_block, rot_signs, p.K, x, "x", &signs);
   Tensor y = empty_like_device(x, with_last_dim(x, p.N), x.scalar_type());
   if (x2.rows == 0) return y;
+  if (rotate) x2 = rotated_rows_cuda(x2, x, rot_block, signs);
   GemmArgs a = gemm_args(p, x2, float_type_of(x, "x"), qweight, scales, zeros, y);
   a.bias = bias ? bias->const_data_ptr() : nullptr;
   if (is_cuda_mma(layout)) {
@@ -157,16 +164,19 @@ Tensor gemm_cuda(Tensor x, Tensor qweight, Tensor scales, OptTensor zeros, OptTe
 }
 
 Tensor gemm_t_cuda(Tensor grad, Tensor qweight, Tensor scales, OptTensor zeros, int64_t bits, int64_t group_size,
-                   int64_t axis, int64_t layout, int64_t out_features) {
+                   int64_t axis, int64_t layout, int64_t out_features, OptTensor rot_signs, int64_t rot_block) {
   const QuantParams p = gemm_params(qweight, scales, zeros, bits, group_size, axis, layout, out_features);
   const CudaDeviceGuard guard(qweight);
   const RowMatrix g2 = flat_activation(grad, p.N, "grad", "out_features", qweight);
+  Tensor signs;
+  const bool rotate = gemm_rotation(rot_block, rot_signs, p.K, grad, "grad", &signs);
   Tensor y = empty_like_device(grad, with_last_dim(grad, p.K), grad.scalar_type());
   if (g2.rows == 0) return y;
   GemmArgs a = gemm_args(p, g2, float_type_of(grad, "grad"), qweight, scales, zeros, y);
   check_launch(is_cuda_mma(layout) ? gemm_t_simple_cuda(a, Layout::kCudaMma, current_stream(qweight))
                                     : gemm_t_canonical_cuda(a, current_stream(qweight)),
                "gemm_t");
+  if (rotate) rotate_back_cuda(y, g2.rows, p.K, rot_block, signs);
   return y;
 }
 

@@ -71,6 +71,10 @@ const std::vector<CpuGemmVariant>& cpu_gemm_variants();  // generic first, best 
 const CpuGemmVariant& cpu_gemm_active();   // best supported, or LAYERPRESS_CPU_KERNEL / override
 bool cpu_gemm_select(const std::string& name);  // "" resets to automatic; false if unknown/unsupported
 std::vector<std::string> cpu_features();
+// The CPU-feature checks of the avx2 / avx512 variants (AVX2+FMA; AVX-512 F/BW/VL/DQ+FMA), for
+// other kernel families' variant lists.
+bool cpu_has_avx2();
+bool cpu_has_avx512();
 // LAYERPRESS_LUT_MAX_M, read once: forces the largest M of the table-lookup path (tests run both
 // GEMM paths at every M with it); -1 when unset.
 int64_t lut_max_m_override();

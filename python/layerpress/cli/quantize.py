@@ -60,6 +60,12 @@ def add_parser(sub) -> None:
                         "preceding norm/linear, then RTN); awq+gptq (those scales, then GPTQ)")
     q.add_argument("--axis", choices=["oc", "ic", "auto"], default="auto",
                    help="group axis; auto = AdaDim per linear (default)")
+    q.add_argument("--rotate", choices=["none", "hadamard", "auto"], default="none",
+                   help="input rotation: hadamard = quantise W·R (randomised block Walsh–Hadamard, "
+                        "GPTQ on RᵀHR), the GEMM rotates x; auto = per linear, with the axis, by "
+                        "measured output error; none (default)")
+    q.add_argument("--rotate-block", type=int, default=128, metavar="B",
+                   help="Hadamard block size for --rotate (a power of two >= 16; default 128)")
     q.add_argument("--select-with", choices=["applied", "rtn"], default="applied",
                    help="axis auto: measure the candidates with the applied quantiser (default) "
                         "or choose with RTN, then quantise (AdaDim paper's recipe)")
@@ -216,7 +222,8 @@ def quantize(args) -> int:
                                     outliers=args.outliers, lorc_rank=args.lorc_rank,
                                     checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                     allocation=args.allocation, widths=args.widths,
-                                    clip=not args.no_clip, device=args.device)
+                                    clip=not args.no_clip, device=args.device, rotate=args.rotate,
+                                    rotate_block=args.rotate_block)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}

@@ -7,12 +7,15 @@ A saved directory holds
   sharded ``save_pretrained`` directory (``model-0000i-of-0000n.safetensors`` and
   ``model.safetensors.index.json``) loads too;
 * ``config.json`` -- the model's Hugging Face config plus ``quantization_config``:
-  ``{"quant_method": "layerpress", "format_version": 1, "model_class": ..., "layers": {name:
+  ``{"quant_method": "layerpress", "format_version": 2, "model_class": ..., "layers": {name:
   {"in_features", "out_features", "bias", "conv1d", "spec": QuantSpec.to_dict()}},
   "aliases": {dropped key: stored key}}``. A layer with side paths (outliers, LoRC; docs/format.md
   §8) adds ``"outliers": nnz, "lorc_rank": r, "side_dtype": "float16"``; the tensors must match
   them exactly. ``"digests"`` records a digest per stored tensor (flows/integrity.py), checked
   on load.
+  them exactly. Format 2 adds rotated layers (a spec with ``rotation``, ``rotation_block``,
+  ``rotation_seed`` and the signs as the tensor ``<layer>.rot_signs``); format-1 files (no
+  rotation) load unchanged.
 
 Writing is atomic: everything goes to a temporary directory beside the target, which is then
 renamed into place. :func:`load_quantized` rebuilds the original model class from the saved
@@ -38,9 +41,11 @@ from .integrity import (DIGEST_ALGORITHM, check_digests, digest_tensors, digests
 from .models import get_submodule, is_conv1d
 
 __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_entry",
-           "swap_in_quantlinears", "FORMAT_VERSION", "verify_directory", "ShardedWriter"]
+           "swap_in_quantlinears", "FORMAT_VERSION", "READ_FORMAT_VERSIONS", "verify_directory",
+           "ShardedWriter"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rotated layers (QuantSpec.rotation, <layer>.rot_signs)
+READ_FORMAT_VERSIONS = (1, 2)  # what load_quantized reads
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded save_pretrained output
 CONFIG = "config.json"
@@ -286,9 +291,9 @@ def _read_config(path: Path) -> dict:
     q = cfg.get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != "layerpress":
         raise ValueError(f"{cfg_path}: no layerpress quantization_config")
-    if q.get("format_version") != FORMAT_VERSION:
+    if q.get("format_version") not in READ_FORMAT_VERSIONS:
         raise ValueError(f"{cfg_path}: format_version {q.get('format_version')!r} is not supported "
-                         f"(this layerpress reads {FORMAT_VERSION})")
+                         f"(this layerpress reads {', '.join(map(str, READ_FORMAT_VERSIONS))})")
     if not isinstance(q.get("layers"), dict) or not q["layers"]:
         raise ValueError(f"{cfg_path}: quantization_config.layers is missing or empty")
     return cfg

@@ -141,8 +141,10 @@ def norm_plan(model: nn.Module) -> NormPlan:
             a, m = layer.self_attn, layer.mlp
             p.norms.append((layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]))
             p.norms.append((layer.post_attention_layernorm, [m.gate_proj, m.up_proj]))
+            p.writers += [a.o_proj, m.down_proj]
         p.norms.append((base.norm, [head] if head is not None else []))
         emb = base.embed_tokens
+        p.embeddings = [emb]  # (pre-RMSNorm: nothing to centre; the rotation folding reads them)
     else:
         raise NotImplementedError(f"no norm adapter for model_type {mt!r} (supported: gpt2, opt, "
                                   "llama, mistral, qwen2, qwen3)")

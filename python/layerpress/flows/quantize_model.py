@@ -60,6 +60,7 @@ class LayerReport:
     measure_point: str = ""
     effective_bits: float = 0.0  # stored bits (codes, scales, zeros, side paths) per weight
     gptq_damp: Optional[float] = None  # GPTQ: relative dampening used (> 0.01: H was not PD; inf: identity)
+    rotation: str = "none"    # "hadamard": the weight was quantised as W·R (flows/rotation.py)
 
 
 @dataclass
@@ -218,7 +219,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    checkpoint_dir=None, resume: bool = False,
                    on_block_done=None, allocation: str = "order", widths=None,
                    clip: bool = True, align: Optional[bool] = None,
-                   block_order=None, progress: Optional[bool] = None) -> QuantReport:
+                   block_order=None, progress: Optional[bool] = None,
+                   rotate: str = "none", rotate_block: int = 128) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
@@ -248,7 +250,13 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     each, shaped like the sentences an encoder embeds), causal LMs 32 random windows of 64
     tokens; ``batch_size`` (sequences per forward) defaults to about 1024 tokens' worth.
     ``block_order``: blocks least important first, used instead of ``importance`` by the
-    fractional-bit allocation (e.g. a random order as a baseline)."""
+    fractional-bit allocation (e.g. a random order as a baseline).
+
+    Rotation (flows/rotation.py): ``rotate="hadamard"`` quantises every linear as ``W·R`` (a
+    randomised block Walsh–Hadamard rotation of blocks of ``rotate_block``, or the largest power
+    of two below it dividing K) with GPTQ on ``RᵀHR`` (RTN, AWQ-scaled weights and the clipping
+    search likewise in the rotated basis); ``"auto"`` measures the rotated and unrotated
+    candidates of each linear together with AdaDim's axes and keeps the lowest output error."""
     settings = QuantizeSettings(**{k: v for k, v in locals().items() if k != "model"})
     old = torch.get_num_threads()
     if threads is not None:
@@ -298,6 +306,8 @@ class QuantizeSettings:
     align: Optional[bool] = None
     block_order: Optional[Sequence[int]] = None
     progress: Optional[bool] = None
+    rotate: str = "none"
+    rotate_block: int = 128
 
     def __post_init__(self):
         check_side_args(self.outliers, self.lorc_rank, self.side_dtype, self.outlier_criterion)
@@ -312,6 +322,7 @@ class QuantizeSettings:
             raise ValueError(f"bits must be a positive number, got {bits!r}")
         if self.allocation not in ("order", "knapsack"):
             raise ValueError(f"allocation must be 'order' or 'knapsack', got {self.allocation!r}")
+        _check_rotate(self)
 
     @property
     def side(self) -> dict:
@@ -583,7 +594,8 @@ def _quantise_block(block, bi: int, adapter: ModelAdapter, inputs, plan: BitPlan
         tally.awq_groups += _awq_block(block, bi, adapter, inputs, dev, s.group_size, s.symmetric,
                                        s.scale_dtype, plan.block_bits, plan.layer_bits, s.clip)
     _check_finite_inputs(inputs.hidden, adapter, bi)
-    hess, cap = _capture(block, lins, adapter, inputs, dev, s.axis)
+    # rotate="auto" measures its candidates like axis="auto" does
+    hess, cap = _capture(block, lins, adapter, inputs, dev, "auto" if s.rotate == "auto" else s.axis)
     for h in hess.values():  # distributed: the Hessians of all ranks' calibration batches
         h.H, h.n = all_reduce_sum(h.H, h.n)
     chosen = {}
@@ -660,7 +672,11 @@ def _quantise_linears(block, bi: int, names, lins, adapter: ModelAdapter, hess, 
                                  s.group_size, s.symmetric, s.scale_dtype, n, k)
         H = hess[name].hessian()
         try:
-            return {sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip) for sp in specs}
+            results = _rotation_candidates(specs, W, H, sel, s, full(name))
+            if s.rotate != "hadamard" or not results:  # (hadamard with no block fitting K: unrotated)
+                results = {**{sp.axis: _quantise_side(W, sp, sel, H, s.act_order, s.side, s.clip)
+                              for sp in specs}, **results}
+            return results
         except ValueError as e:  # e.g. a scale overflowing scale_dtype: say which layer
             raise ValueError(f"{full(name)}: {e}") from None
 
@@ -677,9 +693,8 @@ def _quantise_linears(block, bi: int, names, lins, adapter: ModelAdapter, hess, 
             best = next(iter(results[name]))
         picked[name] = (best, mse, point)
     if sel != s.method:  # axis chosen with RTN (AdaDim paper's recipe), then quantised
-        final = compute_by_owner(names, lambda name: _quantise_side(
-            weight(name), results[name][picked[name][0]].spec, s.method, hess[name].hessian(),
-            s.act_order, s.side, s.clip), dev)
+        final = compute_by_owner(names, lambda name: _quantise_candidate(
+            weight(name), results[name][picked[name][0]].spec, s.method, hess[name].hessian(), s), dev)
     else:
         final = {name: results[name][picked[name][0]] for name in names}
     out = {}
@@ -692,9 +707,44 @@ def _quantise_linears(block, bi: int, names, lins, adapter: ModelAdapter, hess, 
         rel = (num / den).item()
         if s.verbose and res.damp is not None and res.damp > 0.01:
             print(f"  {full(name)}: Hessian not positive definite, dampening raised to {res.damp:g}")
-        out[name] = (LayerReport(full(name), bi, res.spec.bits, best, s.group_size, s.method, k, n,
-                                 rel, mse, point, gptq_damp=res.damp), res)
+        out[name] = (LayerReport(full(name), bi, res.spec.bits, res.spec.axis, s.group_size, s.method,
+                                 k, n, rel, mse, point, gptq_damp=res.damp, rotation=res.spec.rotation),
+                     res)
     return out
+
+
+def _check_rotate(s: QuantizeSettings) -> None:
+    from .rotation import ROTATE_CHOICES
+    if s.rotate not in ROTATE_CHOICES:
+        raise ValueError(f"rotate must be one of {ROTATE_CHOICES}, got {s.rotate!r}")
+    b = s.rotate_block
+    if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ValueError(f"rotate_block must be a power of two >= 16, got {b!r}")
+    if s.rotate != "none" and (s.outliers or s.lorc_rank):
+        raise ValueError("rotate is not supported together with outliers/lorc_rank (the side paths "
+                         "act on the unrotated input)")
+
+
+def _rotation_candidates(specs: List[QuantSpec], W, H, method: str, s: QuantizeSettings, full: str):
+    """{key: result} of the rotated candidates of ``specs`` (keys "oc+hadamard", ...); empty for
+    rotate="none" or when no rotation block fits K."""
+    from .rotation import layer_seed, rotated_spec
+    if s.rotate == "none":
+        return {}
+    out = {}
+    for sp in specs:
+        rs = rotated_spec(sp, W.shape[1], s.rotate_block, layer_seed(s.seed, full))
+        if rs is not None:
+            out[f"{sp.axis}+hadamard"] = _quantise_candidate(W, rs, method, H, s)
+    return out
+
+
+def _quantise_candidate(W, spec: QuantSpec, method: str, H, s: QuantizeSettings):
+    """One candidate's quantisation, in the rotated basis when ``spec`` has a rotation."""
+    if spec.rotated:
+        from .rotation import quantise_rotated
+        return quantise_rotated(W, H, spec, lambda w_, sp_, h_: _quantise(w_, sp_, method, h_, s.act_order, s.clip))
+    return _quantise_side(W, spec, method, H, s.act_order, s.side, s.clip)
 
 
 def _axis_errors(results: Dict[str, QuantResult], W, m, block, name: str, point: str, hess,
@@ -731,7 +781,8 @@ def _swap(block, name: str, m, res: QuantResult):
     bias = None if getattr(m, "bias", None) is None else m.bias.detach()
     side_paths = getattr(res, "side", None)
     q = QuantLinear.from_quantized(res.qweight, res.scales, res.zeros, res.spec, bias,
-                                   **(side_paths.kwargs() if side_paths else {}))
+                                   **(side_paths.kwargs() if side_paths else {}),
+                                   rot_signs=getattr(res, "rot_signs", None))
     q._lp_conv1d = is_conv1d(m)  # recorded in the saved config
     quant = _bytes(res.qweight) + _bytes(res.scales) + _bytes(res.zeros)
     quant += side_paths.nbytes() if side_paths else 0

@@ -28,7 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..flows.integrity import check_digests, digests_entry, tensor_digest
-from ..flows.io import FORMAT_VERSION, _dedupe, quantization_config, swap_in_quantlinears
+from ..flows.io import FORMAT_VERSION, READ_FORMAT_VERSIONS, _dedupe, quantization_config, swap_in_quantlinears
 from ..flows.models import get_submodule
 from ..nn import QuantLinear
 from ..spec import QuantSpec
@@ -59,9 +59,9 @@ class LayerpressConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self):
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READ_FORMAT_VERSIONS:
             raise ValueError(f"quantization_config.format_version {self.format_version!r} is not "
-                             f"supported (this layerpress reads {FORMAT_VERSION})")
+                             f"supported (this layerpress reads {', '.join(map(str, READ_FORMAT_VERSIONS))})")
         if not self.layers:
             raise ValueError("quantization_config.layers is missing or empty: a layerpress config "
                              "describes the quantised layers of a saved model")

@@ -367,6 +367,11 @@ def quant_layers(model: nn.Module, fmt: str) -> Dict[str, QuantLinear]:
             raise ValueError(f"export_{fmt}: layer {name!r} is quantised per input channel (axis='ic'), "
                              f"which {fmt.upper()} cannot store (its groups run along K); quantise "
                              "it per output channel")
+        if m.spec.rotated:
+            raise ValueError(f"export_{fmt}: layer {name!r} is rotated (rotation={m.spec.rotation!r}, "
+                             f"block {m.spec.rotation_block}): its stored weight is W·R, which "
+                             f"{fmt.upper()} kernels would run without the input rotation; quantise "
+                             "it with rotate='none' to export")
         for side in ("outlier_idx", "lorc_a"):
             if getattr(m, side, None) is not None:
                 raise ValueError(f"export_{fmt}: layer {name!r} has a 16-bit side path ({side}), "

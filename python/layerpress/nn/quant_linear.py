@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.rotation import hadamard
 from ..spec import Layout, QuantSpec
 
 __all__ = ["QuantLinear", "quantize_linear", "layout_for", "SIDE_DTYPES"]
@@ -134,6 +135,11 @@ class QuantLinear(nn.Module):
         # Optional input-channel permutation (e.g. a GPTQ act-order g_idx made contiguous):
         # the layer computes x[..., in_perm] · dequant(W)ᵀ; None means the identity.
         self.register_buffer("in_perm", None, persistent=False)
+        # The input rotation of a spec with rotation="hadamard": float32 ±1 signs [K] (the stored
+        # weight is W·R; forward rotates x's rows inside the GEMM launcher).
+        self.register_buffer("rot_signs", None, persistent=False)
+        if spec.rotated:
+            self.rot_signs = torch.ones(in_features, dtype=torch.float32, device=device)
         self.layout = Layout.CANONICAL
         self._set_canonical(q, s, z)
         if bias:
@@ -175,15 +181,18 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qweight, scales, zeros, spec: QuantSpec, bias=None,
                        in_perm=None, *, outlier_idx=None, outlier_val=None, lorc_a=None,
-                       lorc_b=None) -> "QuantLinear":
+                       lorc_b=None, rot_signs=None) -> "QuantLinear":
         """From canonical tensors (e.g. produced by a calibrated quantiser). ``in_perm`` (integer
-        ``[K]``, a permutation): the stored weight's input channels are ``x[..., in_perm]``."""
+        ``[K]``, a permutation): the stored weight's input channels are ``x[..., in_perm]``.
+        ``rot_signs``: the ±1 signs of a rotated ``spec`` (required exactly then)."""
         n = qweight.shape[0]
         k = qweight.shape[1] * 32 // spec.bits
         mod = cls(k, n, spec, bias=bias is not None, device=qweight.device,
                   dtype=bias.dtype if bias is not None else None)
         mod._set_canonical(qweight, scales, zeros)
         mod.set_in_perm(in_perm)
+        if spec.rotated or rot_signs is not None:
+            mod.set_rot_signs(rot_signs)
         if bias is not None:
             mod.bias.data.copy_(bias)
         if any(t is not None for t in (outlier_idx, outlier_val, lorc_a, lorc_b)):  # side paths
@@ -277,7 +286,7 @@ class QuantLinear(nn.Module):
 
     def storage_bits(self) -> int:
         """Total bits stored for the weight: packed codes, scales, zeros and side paths (not the
-        bias, nor an input permutation), as in the canonical state dict."""
+        bias, an input permutation, nor a rotation's signs), as in the canonical state dict."""
         total = self.out_features * self.in_features * self.spec.bits
         for t in list(self.canonical()[1:]) + [getattr(self, k) for k in _SIDE_KEYS]:
             if t is not None:
@@ -302,6 +311,21 @@ class QuantLinear(nn.Module):
             if not torch.equal(torch.sort(in_perm).values, torch.arange(k, device=in_perm.device)):
                 raise ValueError(f"in_perm: not a permutation of 0..{k - 1}")
         self.in_perm = in_perm
+
+    def set_rot_signs(self, signs) -> None:
+        """Sets the rotation's signs (float ±1 ``[K]``) of a layer whose spec is rotated."""
+        k = self.in_features
+        if not self.spec.rotated:
+            raise ValueError(f"rot_signs given but the spec has no rotation (spec {self.spec.to_dict()})")
+        if (not isinstance(signs, torch.Tensor) or not signs.dtype.is_floating_point
+                or tuple(signs.shape) != (k,)):
+            got = f"{signs.dtype} {list(signs.shape)}" if isinstance(signs, torch.Tensor) else type(signs).__name__
+            raise ValueError(f"rot_signs: expected a float tensor [{k}] of ±1 (spec rotation="
+                             f"{self.spec.rotation!r}), got {got}")
+        signs = signs.detach().to(device=self.qweight.device, dtype=torch.float32).contiguous()
+        if not signs.is_meta and not bool((signs.abs() == 1).all()):
+            raise ValueError("rot_signs must all be +1 or -1 (an orthogonal rotation)")
+        self.rot_signs = signs
 
     # ---- layouts ---------------------------------------------------------------------------------
     def _check_canonical(self, q, s, z, where: str):
@@ -339,6 +363,8 @@ class QuantLinear(nn.Module):
         """The ``[N, K]`` weight the layer multiplies ``x`` by (input channels in ``x``'s order)."""
         q, s, z = self.canonical()
         w = ops.dequantize(q, s, z, self.spec, dtype)
+        if self.spec.rotated:  # stored W·R; the layer multiplies x by W·R·Rᵀ = W
+            w = hadamard(w.float(), self.spec.rotation_block, self.rot_signs, transpose=True).to(dtype)
         if self.in_perm is not None:
             w = torch.empty_like(w).index_copy_(1, self.in_perm, w)
         return w
@@ -355,20 +381,22 @@ class QuantLinear(nn.Module):
             q, s, z = self.canonical()
             new = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
             self._set_canonical(new(q), new(s), new(z))
-            for key in _SIDE_KEYS + _CSR_KEYS:
+            for key in _SIDE_KEYS + _CSR_KEYS + ("rot_signs",):
                 setattr(self, key, new(getattr(self, key)))
         elif device != self.qweight.device:
             q, s, z = self.canonical()
             self._set_canonical(q.to(device), s.to(device), None if z is None else z.to(device))
             if self.outlier_idx is not None or self.lorc_a is not None:
                 self.set_side_paths(*[getattr(self, k) for k in _SIDE_KEYS])  # moved to device
-        # The scales (and the side paths) keep their dtype whatever fn casts floating tensors to
-        # (e.g. .half()).
-        kept = {k: self._buffers.pop(k) for k in ("scales",) + _SIDE_KEYS + _CSR_KEYS}
+        # The scales (and the side paths, the rotation's signs) keep their dtype whatever fn casts
+        # floating tensors to (e.g. .half()).
+        kept = {k: self._buffers.pop(k) for k in ("scales", "rot_signs") + _SIDE_KEYS + _CSR_KEYS}
         try:
             super()._apply(fn, recurse)
         finally:
             self._buffers.update(kept)
+        if self.rot_signs is not None and self.rot_signs.device != device:
+            self.rot_signs = self.rot_signs.to(device)
         return self
 
     # ---- state dict: always canonical ------------------------------------------------------------
@@ -380,14 +408,23 @@ class QuantLinear(nn.Module):
                 destination[prefix + key] = t if keep_vars else t.detach()
         if self.in_perm is not None:
             destination[prefix + "in_perm"] = self.in_perm
+        if self.rot_signs is not None:
+            destination[prefix + "rot_signs"] = self.rot_signs
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        for key in _CANONICAL_KEYS + ("in_perm",):
+        for key in _CANONICAL_KEYS + ("in_perm", "rot_signs"):
             if prefix + key in unexpected_keys:
                 unexpected_keys.remove(prefix + key)
+        signs = state_dict.get(prefix + "rot_signs")
+        if self.spec.rotated and signs is None:
+            missing_keys.append(prefix + "rot_signs")
+            return
+        if not self.spec.rotated and signs is not None:
+            unexpected_keys.append(prefix + "rot_signs")
+            return
         self._load_side(state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
         present = {k: state_dict.get(prefix + k) for k in _CANONICAL_KEYS}
         needed = ["qweight", "scales"] + ([] if self.spec.symmetric else ["zeros"])
@@ -405,6 +442,8 @@ class QuantLinear(nn.Module):
             self._set_canonical(q, s, z)
             # The permutation is part of the stored weight: the state dict decides (absent = none).
             self.set_in_perm(state_dict.get(prefix + "in_perm"))
+            if signs is not None:
+                self.set_rot_signs(signs)
         except ValueError as e:
             error_msgs.append(f"{prefix}: {e} (spec {self.spec.to_dict()})")
 
@@ -462,7 +501,7 @@ class QuantLinear(nn.Module):
         if self.in_perm is not None:
             x = x.index_select(-1, self.in_perm)
         return ops.gemm(x, self.qweight, self.scales, self.zeros, bias, self.spec,
-                        self.out_features, self.layout)
+                        self.out_features, self.layout, self.rot_signs, self.spec.rotation_block)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -472,6 +511,7 @@ class QuantLinear(nn.Module):
                 f"scale_dtype={str(s.scale_dtype).replace('torch.', '')}, bias={self.bias is not None}, "
                 f"layout={self.layout.name.lower()}"
                 + (", in_perm=True" if self.in_perm is not None else "")
+                + (f", rotation={s.rotation}({s.rotation_block})" if s.rotated else "")
                 + (f", outliers={self.outlier_count} "
                    f"({100 * self.outlier_count / (self.in_features * self.out_features):.2f}%)"
                    if self.outlier_count else "")

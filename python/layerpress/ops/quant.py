@@ -116,54 +116,62 @@ def _(qweight, scales, zeros, bits, group_size, axis, layout, out_features):
 
 
 @torch.library.register_fake("layerpress::gemm")
-def _(x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_features):
+def _(x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_features, rot_signs=None,
+      rot_block=0):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("layerpress::gemm_t")
-def _(grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features):
+def _(grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features, rot_signs=None,
+      rot_block=0):
     k = _layout_k(qweight, bits, layout)
     return grad.new_empty((*grad.shape[:-1], k))
 
 
 # ---- autograd: gradient with respect to the input (and bias); the quantised weight is frozen ----
 
+# The optional input rotation R (rot_signs, rot_block): gemm is x·R·Wᵀ, so its input gradient is
+# G·W·Rᵀ, which is gemm_t with the same rotation (it applies Rᵀ to its output rows), and back.
 def _gemm_setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_features = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
+    x, qweight, scales, zeros, bias, bits, group_size, axis, layout, out_features, *rot = inputs
+    rot_signs, rot_block = (rot + [None, 0])[:2]
+    ctx.save_for_backward(qweight, scales, zeros, rot_signs)
     ctx.params = (bits, group_size, axis, layout, out_features)
+    ctx.rot_block = rot_block
     ctx.has_bias = bias is not None
     ctx.x_requires_grad = x.requires_grad
 
 
 def _gemm_backward(ctx, grad):
-    qweight, scales, zeros = ctx.saved_tensors
+    qweight, scales, zeros, rot_signs = ctx.saved_tensors
     bits, group_size, axis, layout, out_features = ctx.params
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = _ops.gemm_t(grad.contiguous(), qweight, scales, zeros, bits, group_size, axis,
-                             layout, out_features)
+                             layout, out_features, rot_signs, ctx.rot_block)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None, None, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("layerpress::gemm", _gemm_backward, setup_context=_gemm_setup_context)
 
 
 def _gemm_t_setup_context(ctx, inputs, output):
-    grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
+    grad, qweight, scales, zeros, bits, group_size, axis, layout, out_features, *rot = inputs
+    rot_signs, rot_block = (rot + [None, 0])[:2]
+    ctx.save_for_backward(qweight, scales, zeros, rot_signs)
     ctx.params = (bits, group_size, axis, layout, out_features)
+    ctx.rot_block = rot_block
 
 
 def _gemm_t_backward(ctx, g):
     # gemm_t(G) = G · W is linear in G; its adjoint is gemm without bias (double backward of gemm)
-    qweight, scales, zeros = ctx.saved_tensors
+    qweight, scales, zeros, rot_signs = ctx.saved_tensors
     grad_in = None
     if ctx.needs_input_grad[0]:
-        grad_in = _ops.gemm(g.contiguous(), qweight, scales, zeros, None, *ctx.params)
-    return (grad_in,) + (None,) * 8
+        grad_in = _ops.gemm(g.contiguous(), qweight, scales, zeros, None, *ctx.params, rot_signs, ctx.rot_block)
+    return (grad_in,) + (None,) * 10
 
 
 torch.library.register_autograd("layerpress::gemm_t", _gemm_t_backward,
@@ -255,15 +263,20 @@ def unrepack(qweight, scales, zeros, spec: QuantSpec, out_features: int,
 
 @typed_errors
 def gemm(x, qweight, scales, zeros, bias, spec: QuantSpec, out_features: int,
-         layout: int = Layout.CPU_BITPLANE16):
-    """``Y = X · dequant(W)ᵀ (+ bias)`` with the weight in a kernel-native layout."""
+         layout: int = Layout.CPU_BITPLANE16, rot_signs: Optional[torch.Tensor] = None, rot_block: int = 0):
+    """``Y = X · dequant(W)ᵀ (+ bias)`` with the weight in a kernel-native layout. With a rotation
+    (``rot_block > 0``; ``rot_signs`` float32 ``[K]`` or None) the stored weight is ``W·R`` and
+    ``Y = (X·R) · dequant(W·R)ᵀ``, ``R = diag(rot_signs) · blockdiag(H_rot_block) / sqrt(rot_block)``
+    (:func:`layerpress.ops.rotation.hadamard`)."""
     return call_below_autograd_if_no_grad(_ops.gemm, (x, bias), x, qweight, scales, zeros, bias, spec.bits,
-                                          spec.group_size, spec.axis_id, int(layout), out_features)
+                                          spec.group_size, spec.axis_id, int(layout), out_features,
+                                          rot_signs, int(rot_block))
 
 
 @typed_errors
 def gemm_t(grad, qweight, scales, zeros, spec: QuantSpec, out_features: int,
-           layout: int = Layout.CPU_BITPLANE16):
-    """``G · dequant(W)`` -- the input gradient of :func:`gemm`."""
+           layout: int = Layout.CPU_BITPLANE16, rot_signs: Optional[torch.Tensor] = None, rot_block: int = 0):
+    """``G · dequant(W)`` -- the input gradient of :func:`gemm` (with a rotation: ``G · dequant(W·R) · Rᵀ``)."""
     return call_below_autograd_if_no_grad(_ops.gemm_t, (grad,), grad, qweight, scales, zeros, spec.bits,
-                                          spec.group_size, spec.axis_id, int(layout), out_features)
+                                          spec.group_size, spec.axis_id, int(layout), out_features,
+                                          rot_signs, int(rot_block))
