@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from layerpress import QuantLinear, QuantSpec
-from layerpress.flows.integrity import digest_tensors, verify_directory
+from layerpress.flows.integrity import digest_tensors
+from layerpress.flows.io import verify_directory
 from layerpress.flows.io import _read_tensors, load_quantized, save_quantized
 
 from .bench_gemm import machine_info
