@@ -26,9 +26,9 @@
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(LP_CUDA_EMU)
-#define LP_HOST_DEVICE __host__ __device__
+#define LP_MMA_HOST_DEVICE __host__ __device__
 #else
-#define LP_HOST_DEVICE
+#define LP_MMA_HOST_DEVICE
 #endif
 
 namespace layerpress {
@@ -37,17 +37,17 @@ namespace mma_layout {
 constexpr int kTileK = 16;
 constexpr int kTileN = 64;
 
-LP_HOST_DEVICE inline int64_t n_tiles(int64_t N) { return (N + kTileN - 1) / kTileN; }
-LP_HOST_DEVICE inline int words_per_tile(int bits) { return 32 * bits; }
+LP_MMA_HOST_DEVICE inline int64_t n_tiles(int64_t N) { return (N + kTileN - 1) / kTileN; }
+LP_MMA_HOST_DEVICE inline int words_per_tile(int bits) { return 32 * bits; }
 // Per-IC scale entries per strip and k.
-LP_HOST_DEVICE inline int ic_groups_per_strip(int group) { return group == 32 ? 2 : 1; }
+LP_MMA_HOST_DEVICE inline int ic_groups_per_strip(int group) { return group == 32 ? 2 : 1; }
 
 // Tile-local (k, n) of code e of lane `lane`.
-LP_HOST_DEVICE inline int code_k(int lane, int e) { return 2 * (lane & 3) + (e & 1) + 8 * ((e >> 1) & 1); }
-LP_HOST_DEVICE inline int code_n(int lane, int e) { return 8 * (e >> 2) + (lane >> 2); }
+LP_MMA_HOST_DEVICE inline int code_k(int lane, int e) { return 2 * (lane & 3) + (e & 1) + 8 * ((e >> 1) & 1); }
+LP_MMA_HOST_DEVICE inline int code_n(int lane, int e) { return 8 * (e >> 2) + (lane >> 2); }
 
 // Where bit j of lane-local code e lives: lane-local word *w, bit *bit.
-LP_HOST_DEVICE inline void code_bit(int bits, int e, int j, int* w, int* bit) {
+LP_MMA_HOST_DEVICE inline void code_bit(int bits, int e, int j, int* w, int* bit) {
   const int p = e >> 1, h = e & 1;
   if (bits == 3 && p == 15) {
     *w = j;
@@ -60,20 +60,20 @@ LP_HOST_DEVICE inline void code_bit(int bits, int e, int j, int* w, int* bit) {
 }
 
 // Offset inside a tile (in words) of lane-local word w of lane `lane`.
-LP_HOST_DEVICE inline int word_offset(int bits, int lane, int w) {
+LP_MMA_HOST_DEVICE inline int word_offset(int bits, int lane, int w) {
   const int chunk = bits < 4 ? bits : 4;
   return ((w / chunk) * 32 + lane) * chunk + w % chunk;
 }
 
 // Position of canonical column n within its strip's 64 per-OC scale entries.
-LP_HOST_DEVICE inline int oc_scale_slot(int64_t n) { return static_cast<int>(8 * (n % 8) + (n % 64) / 8); }
+LP_MMA_HOST_DEVICE inline int oc_scale_slot(int64_t n) { return static_cast<int>(8 * (n % 8) + (n % 64) / 8); }
 
 // Inverse of code_k/code_n: the lane and lane-local code of tile-local (k, n).
-LP_HOST_DEVICE inline int lane_of(int k, int n) { return 4 * (n & 7) + ((k & 7) >> 1); }
-LP_HOST_DEVICE inline int code_of(int k, int n) { return 4 * (n >> 3) + (k & 1) + 2 * (k >> 3); }
+LP_MMA_HOST_DEVICE inline int lane_of(int k, int n) { return 4 * (n & 7) + ((k & 7) >> 1); }
+LP_MMA_HOST_DEVICE inline int code_of(int k, int n) { return 4 * (n >> 3) + (k & 1) + 2 * (k >> 3); }
 
 // Code k of a canonical row (LSB-first bit stream, docs/format.md §3).
-LP_HOST_DEVICE inline uint32_t canonical_code(const uint32_t* row, int64_t k, int bits) {
+LP_MMA_HOST_DEVICE inline uint32_t canonical_code(const uint32_t* row, int64_t k, int bits) {
   const int64_t bit = k * bits;
   const int sh = static_cast<int>(bit & 31);
   uint64_t v = row[bit >> 5] >> sh;
@@ -82,7 +82,7 @@ LP_HOST_DEVICE inline uint32_t canonical_code(const uint32_t* row, int64_t k, in
 }
 
 // Code e of lane `lane` in a tile (tile: its 32 * bits words).
-LP_HOST_DEVICE inline uint32_t tile_code(const uint32_t* tile, int bits, int lane, int e) {
+LP_MMA_HOST_DEVICE inline uint32_t tile_code(const uint32_t* tile, int bits, int lane, int e) {
   uint32_t c = 0;
   for (int j = 0; j < bits; ++j) {
     int w, bit;
@@ -93,7 +93,7 @@ LP_HOST_DEVICE inline uint32_t tile_code(const uint32_t* tile, int bits, int lan
 }
 
 // Writes lane `lane`'s words of tile (nt, kt) from a canonical [N, K] weight (rows >= N: code 0).
-LP_HOST_DEVICE inline void pack_lane(const uint32_t* canonical, int64_t N, int64_t K, int bits, int64_t nt,
+LP_MMA_HOST_DEVICE inline void pack_lane(const uint32_t* canonical, int64_t N, int64_t K, int bits, int64_t nt,
                                      int64_t kt, int lane, uint32_t* tile) {
   uint32_t words[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   const int64_t words_per_row = K * bits / 32;
@@ -111,7 +111,7 @@ LP_HOST_DEVICE inline void pack_lane(const uint32_t* canonical, int64_t N, int64
 }
 
 // Writes the `bits` canonical words of row n holding codes 32 kb .. 32 kb + 31, from the layout.
-LP_HOST_DEVICE inline void unpack_block(const uint32_t* q, int64_t K, int bits, int64_t n, int64_t kb,
+LP_MMA_HOST_DEVICE inline void unpack_block(const uint32_t* q, int64_t K, int bits, int64_t n, int64_t kb,
                                         uint32_t* canonical) {
   uint32_t words[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   const int64_t kt_count = K / kTileK, nt = n / kTileN;
@@ -129,10 +129,10 @@ LP_HOST_DEVICE inline void unpack_block(const uint32_t* q, int64_t K, int bits, 
 }
 
 // Scales/zeros: entry count of the layout, and the canonical entry of layout entry i (-1: padding).
-LP_HOST_DEVICE inline int64_t scale_entries(bool per_oc, int64_t N, int64_t K, int group) {
+LP_MMA_HOST_DEVICE inline int64_t scale_entries(bool per_oc, int64_t N, int64_t K, int group) {
   return per_oc ? n_tiles(N) * (K / group) * kTileN : n_tiles(N) * K * ic_groups_per_strip(group);
 }
-LP_HOST_DEVICE inline int64_t scale_source(bool per_oc, int64_t N, int64_t K, int group, int64_t i) {
+LP_MMA_HOST_DEVICE inline int64_t scale_source(bool per_oc, int64_t N, int64_t K, int group, int64_t i) {
   if (per_oc) {  // [nt][j][slot]
     const int slot = static_cast<int>(i % kTileN);
     const int64_t j = (i / kTileN) % (K / group), nt = i / kTileN / (K / group);
@@ -145,7 +145,7 @@ LP_HOST_DEVICE inline int64_t scale_source(bool per_oc, int64_t N, int64_t K, in
   return n < N ? k * (N / group) + n / group : -1;
 }
 // The layout entry that holds canonical entry c (for a whole-column per-IC group, strip 0's copy).
-LP_HOST_DEVICE inline int64_t scale_target(bool per_oc, int64_t N, int64_t K, int group, int64_t c) {
+LP_MMA_HOST_DEVICE inline int64_t scale_target(bool per_oc, int64_t N, int64_t K, int group, int64_t c) {
   if (per_oc) {
     const int64_t n = c / (K / group), j = c % (K / group);
     return ((n / kTileN) * (K / group) + j) * kTileN + oc_scale_slot(n);
