@@ -43,6 +43,13 @@ def tiny_model(family: str, layers: int = 2, seed: int = 0):
     return m.eval()
 
 
+def model_output(model, ids) -> torch.Tensor:
+    """The model's logits (causal LMs) or last hidden state (encoders) on ``ids``, as fp32."""
+    with torch.no_grad():
+        o = model(input_ids=ids)
+    return (o.logits if hasattr(o, "logits") else o.last_hidden_state).float()
+
+
 def calib_ids(n: int = 8, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 

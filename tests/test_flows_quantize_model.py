@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from flows_testutils import FAMILIES, calib_ids, minilm_dir, tiny_model
+from flows_testutils import FAMILIES, calib_ids, minilm_dir, model_output, tiny_model
 from layerpress import QuantLinear
 from layerpress.flows import load_quantized, quantize_model, save_quantized
 from layerpress.flows.evaluate import embedding_fidelity, perplexity, sentence_embeddings
@@ -22,10 +22,7 @@ def _one_thread(torch_single_thread):
     yield
 
 
-def _out(model, ids):
-    with torch.no_grad():
-        o = model(input_ids=ids)
-    return (o.logits if hasattr(o, "logits") else o.last_hidden_state).float()
+_out = model_output
 
 
 @pytest.mark.parametrize("family", FAMILIES)

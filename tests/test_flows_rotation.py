@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from flows_testutils import calib_ids, tiny_model
+from flows_testutils import calib_ids, model_output, tiny_model
 from layerpress import QuantLinear, QuantSpec, ops
 from layerpress.flows import load_quantized, quantize_model, save_quantized
 from layerpress.flows.quantizers import gptq, rtn
@@ -24,10 +24,7 @@ def _one_thread(torch_single_thread):
     yield
 
 
-def _out(model, ids):
-    with torch.no_grad():
-        o = model(input_ids=ids)
-    return (o.logits if hasattr(o, "logits") else o.last_hidden_state).float()
+_out = model_output
 
 
 def _dense_r(k, block, signs):
