@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from layerpress import QuantSpec
-from layerpress.cli.common import UsageError, table
+from layerpress.cli.common import UsageError, table, timed_calls
 from layerpress.nn import QuantLinear
 
 from .bench_gemm import Reporter, machine_info
@@ -74,13 +74,8 @@ def quantised_copy(base: nn.Module, spec: QuantSpec) -> nn.Module:
 
 
 def _median_s(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median of ``rounds`` timed calls after one warm-up call."""
+    return statistics.median(timed_calls(fn, target_s=0.0, min_repeats=rounds, max_repeats=rounds))
 
 
 def time_hf(model: nn.Module, prompt: torch.Tensor, new_tokens: int, rounds: int, gen_kwargs: dict):
