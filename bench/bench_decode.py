@@ -14,7 +14,8 @@ Each engine is timed on the same prompt:
   per-token cost of transformers' ``generate``: the model, the cache and the sampling loop.
 
 ``w4``/``w3``/``w2`` swap every linear but ``lm_head`` for a per-OC ``QuantLinear`` (RTN, group
-``--group``; speed does not depend on how the codes were chosen). ``--cache static`` runs
+``--group``; speed does not depend on how the codes were chosen). ``w4@avx2_lut8`` (any layerpress
+engine, any CPU GEMM variant this machine runs, opt-in ones included) times it with that variant. ``--cache static`` runs
 ``generate`` with transformers' static cache, ``--compile`` additionally compiles the decode step
 (transformers' ``compile_config``; its compile time is reported separately).
 
@@ -39,6 +40,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+import layerpress
 from layerpress import QuantSpec
 from layerpress.cli.common import UsageError, table, timed_calls
 from layerpress.nn import QuantLinear
@@ -150,7 +152,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--engines", default=",".join(ENGINES),
-                   help=f"comma-separated, of {', '.join(ENGINES)}")
+                   help=f"comma-separated, of {', '.join(ENGINES)}; a layerpress engine may name a CPU "
+                        "GEMM variant: w4@avx2_lut8")
     p.add_argument("--group", type=int, default=128, help="group size of w4/w3/w2")
     p.add_argument("--prompt", type=int, default=128, help="prefill length (tokens)")
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per timing")
@@ -167,9 +170,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    info = layerpress.build_info()
+    variants = info["cpu_gemm_variants"] + info["cpu_gemm_opt_in_variants"]
     for e in engines:
-        if e not in ENGINES:
+        name, _, variant = e.partition("@")
+        if name not in ENGINES:
             raise UsageError(f"--engines: unknown engine {e!r}; expected some of {', '.join(ENGINES)}")
+        if variant and (name[0] != "w" or variant not in variants):
+            raise UsageError(f"--engines: {e!r}: only w4/w3/w2 take @VARIANT, one of {', '.join(variants)}")
     if min(args.layers, args.hidden, args.intermediate, args.heads, args.prompt, args.new_tokens,
            args.rounds, args.threads) < 1:
         raise UsageError("--layers, --hidden, --intermediate, --heads, --prompt, --new-tokens, "
@@ -222,13 +230,19 @@ def run(args) -> int:
                     elif engine == "bf16":
                         model = copy.deepcopy(base).to(torch.bfloat16)
                     else:
-                        spec = QuantSpec(bits=int(engine[1:]), group_size=args.group)
+                        name, _, variant = engine.partition("@")
+                        spec = QuantSpec(bits=int(name[1:]), group_size=args.group)
                         model = quantised_copy(base, spec)
                         rec.update(weights=f"W{spec.bits} g{spec.group_size} per-OC",
-                                   group_size=args.group)
+                                   group_size=args.group,
+                                   cpu_gemm_variant=variant or info["cpu_kernels"]["gemm"])
                     rec.update(cache=args.cache, compile=args.compile)
-                    prefill, decode, samples = time_hf(model, prompt, args.new_tokens, args.rounds,
-                                                       gen_kwargs)
+                    layerpress.set_cpu_gemm_variant(engine.partition("@")[2])
+                    try:
+                        prefill, decode, samples = time_hf(model, prompt, args.new_tokens, args.rounds,
+                                                           gen_kwargs)
+                    finally:
+                        layerpress.set_cpu_gemm_variant("")
                     if model is not base:
                         del model
                 rec.update(prefill_ms=round(prefill, 3),

@@ -81,6 +81,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ap.add_argument("--cache-multiple", type=float, default=3.0,
                     help="weight copies per case fill this many times the last-level cache")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="CPU GEMM variants to time, each in the same rounds (default: the automatic "
+                         "one; opt-in ones such as avx2_lut8 by name)")
     ap.add_argument("--no-baseline", action="store_true", help="skip torch's int4pack")
     ap.add_argument("--resident", action="store_true",
                     help="also time one weight copy called repeatedly (cache-resident when it fits)")
@@ -106,7 +109,13 @@ def run(args) -> int:
     try:
         emit({**machine_info(), "last_level_cache_bytes": llc})
         threads = torch.get_num_threads()
-        variant = layerpress.build_info()["cpu_kernels"]["gemm"]
+        info = layerpress.build_info()
+        known = info["cpu_gemm_variants"] + info["cpu_gemm_opt_in_variants"]
+        variants = args.variants or [info["cpu_kernels"]["gemm"]]
+        for v in variants:
+            if v not in known:
+                raise UsageError(f"--variants: {v!r} is not a CPU GEMM variant this machine runs "
+                                 f"(it runs {', '.join(known)})")
         src = torch.ones(footprint // 4, dtype=torch.float32)
         dst = torch.empty_like(src)
         copy_bytes = 2 * nbytes(src)
@@ -139,25 +148,30 @@ def run(args) -> int:
                     copies = max(1, -(-footprint // nbytes(q, s, z)))
                     ws = [(q.clone(), s.clone(), z.clone()) for _ in range(copies)]
                     keep.append(ws)
-                    if args.resident:  # the same weight every call: from cache when it fits
-                        items.append(({**base, "impl": "layerpress", "variant": variant, "bits": bits,
-                                       "axis": axis, "symmetric": False, "copies": 1},
-                                      lambda q=q, s=s, z=z, bits=bits, ax=spec.axis_id, N=N, x=x:
-                                      torch.ops.layerpress.gemm(x, q, s, z, None, bits, GROUP, ax, 1, N),
+                    for variant in variants:
+                        fields = {**base, "impl": "layerpress", "variant": variant, "bits": bits,
+                                  "axis": axis, "symmetric": False}
+                        if args.resident:  # the same weight every call: from cache when it fits
+                            items.append(({**fields, "copies": 1},
+                                          lambda q=q, s=s, z=z, bits=bits, ax=spec.axis_id, N=N, x=x:
+                                          torch.ops.layerpress.gemm(x, q, s, z, None, bits, GROUP, ax, 1, N),
+                                          nbytes(q, s, z)))
+                        items.append(({**fields, "copies": copies},
+                                      rotating([lambda q=q, s=s, z=z, bits=bits, ax=spec.axis_id, N=N, x=x:
+                                                torch.ops.layerpress.gemm(x, q, s, z, None, bits, GROUP,
+                                                                          ax, 1, N) for q, s, z in ws]),
                                       nbytes(q, s, z)))
-                    items.append(({**base, "impl": "layerpress", "variant": variant, "bits": bits,
-                                   "axis": axis, "symmetric": False, "copies": copies},
-                                  rotating([lambda q=q, s=s, z=z, bits=bits, ax=spec.axis_id, N=N, x=x:
-                                            torch.ops.layerpress.gemm(x, q, s, z, None, bits, GROUP,
-                                                                      ax, 1, N) for q, s, z in ws]),
-                                  nbytes(q, s, z)))
             log(f"# K={K} N={N}: weights ready ({time.perf_counter() - started:.0f} s)")
         samples: List[List[float]] = [[] for _ in items]
         with torch.inference_mode():
             for r in range(args.rounds):
                 log(f"# round {r + 1}/{args.rounds}, {len(items)} timings")
-                for i, (_, fn, _) in enumerate(items):
-                    samples[i] += timed_calls(fn, args.target_s / args.rounds)
+                for i, (fields, fn, _) in enumerate(items):
+                    layerpress.set_cpu_gemm_variant(fields.get("variant", ""))
+                    try:
+                        samples[i] += timed_calls(fn, args.target_s / args.rounds)
+                    finally:
+                        layerpress.set_cpu_gemm_variant("")
         copy_gbs = copy_bytes / statistics.median(samples[0]) / 1e9
         read_gbs = nbytes(src) / statistics.median(samples[1]) / 1e9
         rows = []
@@ -169,7 +183,8 @@ def run(args) -> int:
             if fields["kind"] == "result":
                 rec["fraction_of_copy"] = round(gbs / copy_gbs, 4)
                 rec["fraction_of_read"] = round(gbs / read_gbs, 4)
-                rows.append([f"{fields['K']}x{fields['N']}", fields["impl"], str(fields["bits"]),
+                rows.append([f"{fields['K']}x{fields['N']}", fields.get("variant", fields["impl"]),
+                             str(fields["bits"]),
                              str(fields["copies"]),
                              fields["axis"], f"{med * 1e3:.3f}", f"{gbs:.1f}", f"{gbs / copy_gbs:.0%}",
                              f"{gbs / read_gbs:.0%}"])

@@ -26,7 +26,22 @@ def test_tiny_run_reports_each_engine(tmp_path):
     assert "skipped" in cpp or cpp["decode_ms_per_token"] > 0  # llama-cpp-python is optional
 
 
+def test_engine_with_a_cpu_gemm_variant(tmp_path):
+    """w4@VARIANT times the engine on that CPU GEMM variant (here the exact avx2 one or generic) and
+    says so; the automatic choice is restored afterwards."""
+    import layerpress
+    variant = layerpress.build_info()["cpu_gemm_variants"][0]
+    out = tmp_path / "r.jsonl"
+    assert bench_decode.main(TINY + ["--engines", f"w4@{variant}", "--out", str(out)]) == 0
+    rec = [json.loads(line) for line in out.read_text().splitlines()][1]
+    assert rec["engine"] == f"w4@{variant}" and rec["cpu_gemm_variant"] == variant
+    assert rec["decode_ms_per_token"] > 0
+    assert layerpress.build_info()["cpu_kernels"]["gemm"] != variant or variant == "generic"
+
+
 @pytest.mark.parametrize("argv, needle", [(["--engines", "fp8"], "--engines"),
+                                          (["--engines", "w4@no-such-kernel"], "@VARIANT"),
+                                          (["--engines", "fp32@generic"], "@VARIANT"),
                                           (["--hidden", "130"], "--heads"),
                                           (["--compile"], "--cache static")])
 def test_bad_arguments_are_named(argv, needle, capsys):

@@ -27,8 +27,22 @@ def test_tiny_run_reports_every_case_against_the_bandwidths(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["gb_per_s"] > 0 and r["fraction_of_copy"] > 0
 
 
+def test_variants_are_timed_in_the_same_run(tmp_path):
+    import layerpress
+    info = layerpress.build_info()
+    variants = info["cpu_gemm_variants"][:1] + info["cpu_gemm_opt_in_variants"][:1]
+    out = tmp_path / "r.jsonl"
+    assert bench_gemv.main(["--shapes", "256x512", "--bits", "4", "--axes", "oc", "--rounds", "1",
+                            "--target-s", "0.05", "--cache-multiple", "0.05", "--no-baseline",
+                            "--variants", *variants, "--quiet", "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in recs if r["kind"] == "result"] == variants
+    assert layerpress.build_info()["cpu_kernels"]["gemm"] == info["cpu_kernels"]["gemm"]
+
+
 @pytest.mark.parametrize("argv, needle", [(["--shapes", "4096"], "--shapes"),
-                                          (["--bits", "5"], "--bits")])
+                                          (["--bits", "5"], "--bits"),
+                                          (["--variants", "no-such-kernel"], "--variants")])
 def test_bad_arguments_are_named(argv, needle, capsys):
     assert bench_gemv.main(argv + ["--quiet"]) == 2
     assert needle in capsys.readouterr().err

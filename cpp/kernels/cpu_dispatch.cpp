@@ -36,7 +36,7 @@ int best_index() {
       if (env == std::string(v[i].name) && v[i].supported()) return static_cast<int>(i);
   }
   for (int i = static_cast<int>(v.size()) - 1; i >= 0; --i)
-    if (v[i].supported()) return i;
+    if (v[i].supported() && !v[i].opt_in) return i;
   return 0;
 }
 
@@ -51,6 +51,7 @@ const std::vector<CpuGemmVariant>& cpu_gemm_variants() {
       {"avx2", has_avx2, gemm_avx2, gemm_t_avx2},
       {"avx512", has_avx512, gemm_avx512, gemm_t_avx512},
       {"avx512_bf16", has_avx512bf16, gemm_avx512bf16, gemm_t_avx512bf16},
+      {"avx2_lut8", has_avx2, gemm_avx2_lut8, gemm_t_avx2, /*opt_in=*/true},
   };
   return v;
 }
@@ -88,6 +89,11 @@ int64_t bf16_variant_lut_max_m(int bits) {
 int64_t cpu_gemm_bf16_min_m(int bits) {
   if (std::string(cpu_gemm_active().name) != "avx512_bf16" || bits > 4) return -1;
   return bf16_variant_lut_max_m(bits) + 1;
+}
+
+int64_t cpu_gemm_int8_table_max_m(int bits) {
+  if (std::string(cpu_gemm_active().name) != "avx2_lut8" || bits > 4) return -1;
+  return avx2_lut8_max_m(bits);
 }
 
 int64_t lut_max_m_override() {

@@ -34,21 +34,27 @@ std::string json_list(const std::vector<std::string>& v) {
 // target, CPU features found at run time and the kernel variant chosen per op. The CUDA library
 // (cuda/ops) adds its own facts in Python.
 std::string build_info() {
-  std::vector<std::string> variants;
+  std::vector<std::string> variants, opt_in;  // opt-in ones round more: only chosen by name
   for (const auto& v : cpu_gemm_variants())
-    if (v.supported()) variants.push_back(v.name);
+    if (v.supported()) (v.opt_in ? opt_in : variants).push_back(v.name);
   const std::string g = json_string(cpu_gemm_active().name);
   std::string bf16_min_m;  // bits -> smallest M computed from bf16-rounded operands (tests read it)
-  for (const int bits : {2, 3, 4, 8})
+  std::string int8_max_m;  // bits -> largest M computed from int8 activation tables (per-OC groups)
+  for (const int bits : {2, 3, 4, 8}) {
     if (cpu_gemm_bf16_min_m(bits) >= 0)
       bf16_min_m += str_cat(bf16_min_m.empty() ? "" : ", ", "\"", bits, "\": ", cpu_gemm_bf16_min_m(bits));
+    if (cpu_gemm_int8_table_max_m(bits) >= 0)
+      int8_max_m += str_cat(int8_max_m.empty() ? "" : ", ", "\"", bits, "\": ", cpu_gemm_int8_table_max_m(bits));
+  }
   return str_cat("{\"version\": ", json_string(LAYERPRESS_VERSION),
                  ", \"torch_version\": ", json_string(LAYERPRESS_TORCH_BUILD_VERSION),
                  ", \"stable_abi_target\": ", json_string(str_cat(TORCH_FEATURE_VERSION >> 56, ".",
                                                                    (TORCH_FEATURE_VERSION >> 48) & 0xff)),
                  ", \"cpu_features\": ", json_list(cpu_features()),
                  ", \"cpu_gemm_variants\": ", json_list(variants),
+                 ", \"cpu_gemm_opt_in_variants\": ", json_list(opt_in),
                  ", \"cpu_gemm_bf16_min_m\": {", bf16_min_m, "}",
+                 ", \"cpu_gemm_int8_table_max_m\": {", int8_max_m, "}",
                  ", \"cpu_kernels\": {\"gemm\": ", g, ", \"gemm_t\": ", g,
                  ", \"quantize\": \"portable\", \"dequantize\": \"portable\", \"repack\": \"portable\"}}");
 }

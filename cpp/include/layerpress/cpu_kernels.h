@@ -65,10 +65,11 @@ struct CpuGemmVariant {
   bool (*supported)();  // can this machine run it
   void (*gemm)(const GemmArgs&, const ParallelFor&);
   void (*gemm_t)(const GemmArgs&, const ParallelFor&);
+  bool opt_in = false;  // rounds beyond fp32 accumulation: only chosen by name, never automatically
 };
 
-const std::vector<CpuGemmVariant>& cpu_gemm_variants();  // generic first, best last
-const CpuGemmVariant& cpu_gemm_active();   // best supported, or LAYERPRESS_CPU_KERNEL / override
+const std::vector<CpuGemmVariant>& cpu_gemm_variants();  // generic first, best last, opt-in ones after
+const CpuGemmVariant& cpu_gemm_active();   // best supported non-opt-in, or LAYERPRESS_CPU_KERNEL / override
 bool cpu_gemm_select(const std::string& name);  // "" resets to automatic; false if unknown/unsupported
 std::vector<std::string> cpu_features();
 // The CPU-feature checks of the avx2 / avx512 variants (AVX2+FMA; AVX-512 F/BW/VL/DQ+FMA), for
@@ -83,6 +84,9 @@ int64_t bf16_variant_lut_max_m(int bits);
 // The smallest M whose forward product (fp32/bf16 activations) the active variant computes from
 // bf16-rounded operands, or -1 when it never does for this bit width.
 int64_t cpu_gemm_bf16_min_m(int bits);
+// The largest M whose forward product the active variant computes from int8 activation tables
+// (avx2_lut8; per-OC groups only), or -1 when it never does for this bit width.
+int64_t cpu_gemm_int8_table_max_m(int bits);
 
 // Variants (defined in their own translation units, each compiled for its ISA).
 void gemm_generic(const GemmArgs&, const ParallelFor&);
@@ -91,6 +95,8 @@ void gemm_avx2(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx2(const GemmArgs&, const ParallelFor&);
 void gemm_avx512(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx512(const GemmArgs&, const ParallelFor&);
+void gemm_avx2_lut8(const GemmArgs&, const ParallelFor&);  // gemm_t: gemm_t_avx2
+int64_t avx2_lut8_max_m(int bits);
 void gemm_avx512bf16(const GemmArgs&, const ParallelFor&);
 void gemm_t_avx512bf16(const GemmArgs&, const ParallelFor&);
 
