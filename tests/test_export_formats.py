@@ -9,6 +9,8 @@
 * GGUF: the file is read back with ``gguf.GGUFReader``, its tensors dequantised with
   ``gguf.quants.dequantize`` and compared with our weights (exact for Q4_0/Q8_0; Q4_1 within the
   fp16 rounding of its offset ``m = −s·z``); metadata and vocabulary are checked field by field.
+  K-quants (our quantiser): the package's dequantisation of our bytes equals our decode bit for
+  bit; the error is bounded from the min-max step and below a naive min-max quantiser.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from layerpress.interop import (export_compressed_tensors, export_gguf, load_che
                                 load_compressed_tensors)
 from layerpress.interop.compressed_tensors import (_pack_along_n, compressed_tensors_to_quantlinear,
                                                    quantlinear_to_compressed_tensors)
+from layerpress.interop import gguf_kquants as KQ
 from layerpress.interop.gguf import quantlinear_to_gguf
 
 from export_testutils import MIXED, quantise_linears, tiny_bpe_tokenizer, tiny_decoder
@@ -396,8 +399,125 @@ def test_gguf_refusals_requantize_and_atomic_write(tmp_path):
         from flows_testutils import tiny_model
 
         export_gguf(quantise_linears(tiny_model("opt"), [QuantSpec(4, 32)]), tmp_path / "o.gguf", tok)
-    with pytest.raises(ValueError, match="ggml_type 'Q4_K'"):
-        quantlinear_to_gguf(layer(QuantSpec(4, 32)), "Q4_K")
+    with pytest.raises(ValueError, match="ggml_type 'Q2_K'"):
+        quantlinear_to_gguf(layer(QuantSpec(4, 32)), "Q2_K")
+
+
+# ---- GGUF K-quants (ours: the gguf package only dequantises them) -------------------------------
+
+#: K-quant -> (sub-block length, largest code magnitude of the min-max step)
+KQ_STEP = {"Q4_K": (32, 15), "Q5_K": (32, 31), "Q6_K": (16, 32)}
+
+
+def kq_weight(n=32, k=512, seed=1) -> np.ndarray:
+    """A Gaussian weight with rare 20x outliers (so sub-block scales of one super-block differ and
+    their 6-bit rounding matters) and one all-zero super-block."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    w[rng.random(w.shape) < 0.002] *= 20
+    w[2, 256:] = 0
+    return w
+
+
+def kq_reference(f: dict, qtype: str) -> np.ndarray:
+    """The weights the chosen fields stand for, in float64 from the format's definition:
+    Q4_K/Q5_K w = d·sc_j·q − dmin·m_j (32-weight sub-blocks), Q6_K w = d·sc_j·q (16, q signed)."""
+    sub = KQ_STEP[qtype][0]
+    S = len(f["q"])
+    q = f["q"].astype(np.float64).reshape(S, -1, sub)
+    w = f["d"].astype(np.float64)[:, None, None] * f["sc"].astype(np.float64)[:, :, None] * q
+    if qtype != "Q6_K":
+        w -= f["dmin"].astype(np.float64)[:, None, None] * f["m"].astype(np.float64)[:, :, None]
+    return w.reshape(S, -1)
+
+
+@pytest.mark.parametrize("qtype", list(KQ_STEP))
+def test_gguf_kquant_bytes_decoded_by_package_equal_ours(qtype):
+    w = kq_weight()
+    w[4, :256] = 0.25  # constant: one fp16 rounding of d away (d normal: not a 0.01 block's subnormal)
+    blocks, f = KQ.quantize(w, qtype)
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    assert size[0] == 256 and blocks.dtype == np.uint8 and blocks.shape == (32, 512 // 256 * size[1])
+    lo, hi = {"Q4_K": (0, 15), "Q5_K": (0, 31), "Q6_K": (-32, 31)}[qtype]
+    assert f["q"].min() >= lo and f["q"].max() <= hi
+    assert f["sc"].min() >= (-128 if qtype == "Q6_K" else 0) and f["sc"].max() <= (127 if qtype == "Q6_K" else 63)
+    if qtype != "Q6_K":
+        assert f["m"].max() <= 63
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])
+    mine = KQ.decode(f, qtype).reshape(w.shape)
+    assert theirs.dtype == np.float32 and np.array_equal(theirs.view(np.uint32), mine.view(np.uint32))
+    ref = kq_reference(f, qtype).reshape(w.shape)
+    assert np.allclose(mine, ref, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(ref).max())
+    assert not theirs[2, 256:].any() and np.allclose(theirs[4, :256], 0.25, rtol=2 ** -10, atol=0)
+
+
+@pytest.mark.parametrize("qtype", list(KQ_STEP))
+def test_gguf_kquant_error_bounded_and_below_naive_minmax(qtype):
+    """Rounding to a grid of step Δ has RMS error Δ/√12 (uniform); with the min-max step of each
+    sub-block (Q4_K/Q5_K: (max − min(min, 0))/nmax, min clamped to ≤ 0 as ggml does; Q6_K
+    max|x|/32) the searched scales must stay within that plus 10 % for the 6-bit (Q6_K: 8-bit)
+    rounding of the sub-block scales, and beat the naive min-max quantiser of the same format."""
+    w = kq_weight()
+    sub, nmax = KQ_STEP[qtype]
+    xs = w.reshape(-1, sub).astype(np.float64)
+    step = (np.abs(xs).max(1) / nmax if qtype == "Q6_K"
+            else (xs.max(1) - np.minimum(xs.min(1), 0)) / nmax)
+    bound = 1.1 / np.sqrt(12) * np.sqrt(np.mean(step ** 2))
+
+    def rms(fields):
+        return float(np.sqrt(np.mean((kq_reference(fields, qtype).reshape(w.shape) - w) ** 2)))
+
+    searched, naive = rms(KQ.quantize(w, qtype)[1]), rms(KQ.quantize(w, qtype, search=False)[1])
+    assert searched <= bound, (searched, bound)
+    assert searched < naive, (searched, naive)
+
+
+def test_gguf_kquant_layers_and_fallback_for_rows_not_multiple_of_256():
+    m = layer(QuantSpec(4, 32), n=16, k=256)
+    qtype, blocks, how = quantlinear_to_gguf(m, "Q4_K")
+    assert (qtype, how) == ("Q4_K", "requantized")
+    assert np.array_equal(blocks, KQ.quantize(m.dequantized_weight().numpy(), "Q4_K")[0])
+    for want, fallback, k in (("Q4_K", "Q5_0", 128), ("Q5_K", "Q5_1", 384), ("Q6_K", "Q8_0", 160)):
+        m = layer(QuantSpec(4, 32), n=8, k=k)
+        qtype, blocks, how = quantlinear_to_gguf(m, want)
+        assert (qtype, how) == (fallback, "fallback")
+        ref = gguf.quants.quantize(m.dequantized_weight().numpy(), gguf.GGMLQuantizationType[fallback])
+        assert np.array_equal(blocks, ref)
+    with pytest.raises(ValueError, match=r"Q4_K: the weight must be 2-D with rows a multiple of 256"):
+        KQ.quantize(np.zeros((2, 128), np.float32), "Q4_K")
+    with pytest.raises(ValueError, match="non-finite"):
+        KQ.quantize(np.full((1, 256), np.nan, np.float32), "Q6_K")
+
+
+def test_gguf_kquant_model_exported_by_cli_read_back_by_package(tmp_path, capsys):
+    """hidden 128: the q/k/v/o/gate/up rows (128 long) fall back to Q5_0, down_proj (256) is Q4_K."""
+    from layerpress.cli.main import main
+    from layerpress.flows.io import save_quantized
+
+    model = quantise_linears(tiny_decoder("llama"), MIXED)
+    save_quantized(model, tmp_path / "lp")
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "lp")
+    assert main(["export", str(tmp_path / "lp"), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                 "--ggml-type", "Q4_K", "--float-type", "f32"]) == 0
+    report = {e["tensor"]: e for e in json.loads(capsys.readouterr().out)["tensors"]}
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert gguf_fields(r)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_S
+    tensors = {t.name: t for t in r.tensors}
+    assert len(report) == 14
+    for name, e in report.items():
+        t = tensors[name]
+        m = model.get_submodule(e["layer"])
+        want = ("Q4_K", "requantized") if m.in_features == 256 else ("Q5_0", "fallback")
+        assert (t.tensor_type.name, e["type"], e["how"]) == (want[0], *want)
+        assert ("note" in e) == (want[1] == "fallback")
+        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)))
+        w = w.reshape(m.out_features, m.in_features)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = undo_qk(w, 4 if "attn_q" in name else 2)
+        ref = m.dequantized_weight()
+        assert e["max_abs_error"] == pytest.approx(float((w - ref).abs().max()))
+        assert 0 < e["rel_error"] < 0.1
+    assert sum(e["type"] == "Q4_K" for e in report.values()) == 2
 
 
 # ---- the CLI --------------------------------------------------------------------------------------

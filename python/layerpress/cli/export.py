@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..interop.gguf import GGML_TYPES
 from .common import LOAD_ERRORS, UsageError
 
 FORMATS = ("compressed-tensors", "gguf", "awq", "gptq")
@@ -30,8 +31,10 @@ def add_parser(sub) -> None:
                    help="gguf: Hugging Face tokenizer directory (default: DIR)")
     e.add_argument("--tokenizer-pre", metavar="NAME",
                    help="gguf: llama.cpp pre-tokenizer name for a BPE vocabulary (default 'default')")
-    e.add_argument("--ggml-type", choices=("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
-                   help="gguf: requantise every layer whose codes do not fit this block type")
+    e.add_argument("--ggml-type", choices=GGML_TYPES,
+                   help="gguf: requantise every layer whose codes do not fit this block type "
+                        "(K-quants: layers whose rows are not a multiple of 256 fall back to "
+                        "Q5_0 / Q5_1 / Q8_0, as llama.cpp does)")
     e.add_argument("--float-type", choices=("f16", "f32"), default="f16",
                    help="gguf: type of the unquantised matrices (default f16)")
     e.add_argument("--gptq-version", type=int, choices=(1, 2), default=1,

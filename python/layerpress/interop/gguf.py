@@ -17,9 +17,13 @@ blocks repeating its scale, so a per-OC layer maps without requantising: symmetr
 ``Q8_0`` (``x = q − 128``, exact), provided the scales are fp16 values (other scales are
 rounded to fp16, and the error reported). 2- and 3-bit layers therefore take 4.5 / 5 bits per
 weight in the file. Asymmetric 8-bit layers, layers with an input permutation, and any layer
-when ``ggml_type`` asks for another type are requantised from our weights with the ``gguf``
-package's quantiser. Per-IC layers, side paths and rotations are refused unless
-``requantize`` (which then quantises their effective weight). Every quantised tensor's error against our weight is reported.
+when ``ggml_type`` asks for another type are requantised from our weights: to the legacy types
+with the ``gguf`` package's quantiser, to the K-quants ``Q4_K`` / ``Q5_K`` / ``Q6_K`` (super-blocks
+of 256 weights) with :mod:`.gguf_kquants` (the package cannot quantise them). A layer whose rows
+are not a multiple of 256 long cannot be a K-quant: it falls back to the legacy type llama.cpp
+picks (``Q4_K`` → ``Q5_0``, ``Q5_K`` → ``Q5_1``, ``Q6_K`` → ``Q8_0``), said in its report entry.
+Per-IC layers, side paths and rotations are refused unless ``requantize`` (which then quantises
+their effective weight). Every quantised tensor's error against our weight is reported.
 """
 from __future__ import annotations
 
@@ -36,13 +40,18 @@ from torch import nn
 from .. import ops
 from ..nn import QuantLinear
 from . import _common as C
+from . import gguf_kquants as KQ
 
 __all__ = ["export_gguf", "quantlinear_to_gguf", "ARCHITECTURES", "GGML_TYPES"]
 
 #: Hugging Face model_type -> GGUF architecture (Mistral runs as llama in llama.cpp)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-#: block types a layer can be requantised to (those the gguf package can quantise)
-GGML_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+#: block types a layer can be requantised to: the legacy ones (the gguf package's quantiser) and
+#: the K-quants (ours, :mod:`.gguf_kquants`)
+GGML_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") + KQ.KQUANT_TYPES
+#: ``general.file_type`` of a file whose layers were requantised to a K-quant (llama.cpp's "S"
+#: presets: every quantised linear of that type)
+_KQUANT_FILE_TYPE = {"Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K"}
 BLOCK = 32
 
 
@@ -99,12 +108,14 @@ def _type_for_bits(m: QuantLinear) -> str:
 
 
 def quantlinear_to_gguf(layer: QuantLinear, ggml_type: Optional[str] = None, name: str = "layer"):
-    """``(type name, uint8 blocks [N, K/32·bytes], how)`` of one layer: its own codes in the block
-    type they fit (``how="exact"``; ``"fp16 offset"`` for Q4_1) unless ``ggml_type`` names another
-    type, the layer is asymmetric 8-bit or has an ``in_perm``: then its effective weight is
-    quantised to ``ggml_type`` (default Q8_0 / Q4_0 / Q4_1 by bits and symmetry) with the gguf
-    package's quantiser (``how="requantized"``). Per-IC layers and side paths are quantised the
-    same way (callers refuse them unless asked)."""
+    """``(type name, uint8 blocks [N, bytes per row], how)`` of one layer: its own codes in the
+    block type they fit (``how="exact"``; ``"fp16 offset"`` for Q4_1) unless ``ggml_type`` names
+    another type, the layer is asymmetric 8-bit or has an ``in_perm``: then its effective weight
+    is quantised to ``ggml_type`` (default Q8_0 / Q4_0 / Q4_1 by bits and symmetry) with the gguf
+    package's quantiser, or ours for the K-quants (``how="requantized"``). A K-quant asked for a
+    layer whose ``in_features`` is not a multiple of 256 gives its legacy fallback
+    (:data:`.gguf_kquants.FALLBACK`, ``how="fallback"``). Per-IC layers and side paths are
+    quantised the same way (callers refuse them unless asked)."""
     gguf = _gguf()
     if ggml_type is not None and ggml_type not in GGML_TYPES:
         raise ValueError(f"{name}: ggml_type {ggml_type!r} is not supported (expected one of {GGML_TYPES})")
@@ -116,9 +127,15 @@ def quantlinear_to_gguf(layer: QuantLinear, ggml_type: Optional[str] = None, nam
         how = "fp16 offset" if qtype == "Q4_1" else "exact"
         return qtype, blocks, how
     qtype = ggml_type or _type_for_bits(layer)
+    how = "requantized"
+    if qtype in KQ.KQUANT_TYPES and layer.in_features % KQ.QK_K:
+        qtype, how = KQ.FALLBACK[qtype], "fallback"
     w = layer.effective_weight(torch.float32).contiguous().numpy()
-    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
-    return qtype, blocks, "requantized"
+    if qtype in KQ.KQUANT_TYPES:
+        blocks, _ = KQ.quantize(w, qtype)
+    else:
+        blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+    return qtype, blocks, how
 
 
 def _dequantize(blocks: np.ndarray, qtype: str) -> torch.Tensor:
@@ -201,12 +218,13 @@ def export_gguf(model: nn.Module, path: Union[str, Path], tokenizer, requantize:
     ``"default"``), and the tensors under llama.cpp's names (q/k rows reordered for the
     ``llama`` architecture as llama.cpp's converter does). Quantised layers map as described in
     the module docstring; ``ggml_type`` (one of :data:`GGML_TYPES`) requantises every layer
-    whose codes do not fit that type. Unquantised matrices are stored as ``float_type``
+    whose codes do not fit that type (a K-quant falls back to a legacy type for layers whose rows
+    are not a multiple of 256 long, ``how="fallback"`` with a ``note``). Unquantised matrices are stored as ``float_type``
     (``"f16"`` or ``"f32"``), vectors as F32. Per-IC layers, 16-bit side paths and rotations are
     refused unless ``requantize``. Written atomically.
 
     Returns ``{"path", "architecture", "tensors": [{"tensor", "layer", "type", "how",
-    "max_abs_error", "rel_error"}]}``; the errors compare the gguf package's dequantisation of
+    "max_abs_error", "rel_error"[, "note"]}]}``; the errors compare the gguf package's dequantisation of
     each stored quantised tensor with the layer's effective weight."""
     gguf = _gguf()
     if float_type not in ("f16", "f32"):
@@ -285,13 +303,16 @@ def export_gguf(model: nn.Module, path: Union[str, Path], tokenizer, requantize:
                 rows = _qk_rows(heads, m.out_features)
                 blocks, ref = blocks[rows.numpy()], ref[rows]
             err = C.weight_error(_dequantize(blocks, qtype), ref)
-            report.append({"tensor": gname, "layer": key[: -len(".weight")], "type": qtype,
-                           "how": how, **err})
+            entry = {"tensor": gname, "layer": key[: -len(".weight")], "type": qtype, "how": how, **err}
+            if how == "fallback":
+                entry["note"] = (f"{ggml_type} needs rows a multiple of {KQ.QK_K} long, this layer's "
+                                 f"are {m.in_features}: {qtype} instead (as llama.cpp does)")
+            report.append(entry)
             qtypes[qtype] += 1
             w.add_tensor(gname, np.ascontiguousarray(blocks),
                          raw_dtype=gguf.GGMLQuantizationType[qtype])
-        main = qtypes.most_common(1)[0][0]
-        w.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{main}")))
+        main = ggml_type or qtypes.most_common(1)[0][0]
+        w.add_file_type(int(getattr(gguf.LlamaFileType, _KQUANT_FILE_TYPE.get(main, f"MOSTLY_{main}"))))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.write_header_to_file()
         w.write_kv_data_to_file()
