@@ -32,8 +32,12 @@ def test_quantize_model_families(family, method):
     ids = calib_ids()
     y0 = _out(model, ids[:2])
     rep = quantize_model(model, bits=4, calib=ids, method=method, axis="auto")
-    n_ql = sum(isinstance(m, QuantLinear) for m in model.modules())
+    # fused projections (the default): one FusedSlice per part, one FusedQuantLinear per group
+    from layerpress.nn.fused import FusedQuantLinear, FusedSlice
+    n_ql = sum(isinstance(m, FusedSlice) or (isinstance(m, QuantLinear) and not isinstance(m, FusedQuantLinear))
+               for m in model.modules())
     assert n_ql == len(rep.layers) > 0
+    assert any(r["fused"] for r in rep.fusion) == (family != "gpt2")
     assert all(layer.bits == 4 for layer in rep.layers)
     assert all(0 <= layer.rel_error < 0.2 for layer in rep.layers)
     # auto: both axes measured wherever both are valid, and the lower MSE chosen
