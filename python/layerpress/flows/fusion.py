@@ -56,13 +56,14 @@ def fuse_projections(model: nn.Module, adapter: Optional[ModelAdapter] = None) -
                 continue
             classes, alone = _classes(parent, names)
             rec = {"parent": full, "fused": [], "separate": dict(alone)}
-            for c in classes:
-                if len(c) < 2:
-                    others = [n for n in names if n not in c and n not in alone]
-                    rec["separate"][c[0]] = (fusion_problem([getattr(parent, c[0]), getattr(parent, others[0])],
-                                                            [c[0], others[0]])
-                                             if others else "no other layer of the group to fuse with")
-                    continue
+            fusable = [c for c in classes if len(c) > 1]
+            for c in classes:  # why a layer stays alone, said before anything is fused
+                if len(c) == 1:
+                    other = next((n for n in names if n != c[0] and n not in alone), None)
+                    rec["separate"][c[0]] = (
+                        fusion_problem([getattr(parent, c[0]), getattr(parent, other)], [c[0], other])
+                        if other else "no other layer of the group to fuse with")
+            for c in fusable:
                 try:
                     fused = fuse_layers(parent, c)
                 except ValueError as e:
