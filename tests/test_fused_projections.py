@@ -253,3 +253,28 @@ def test_out_of_core_refuses_fusion(tmp_path):
     from layerpress.flows.out_of_core import quantize_checkpoint
     with pytest.raises(ValueError, match="fuse_projections"):
         quantize_checkpoint(tmp_path / "nope", tmp_path / "out", fuse_projections=True)
+
+
+def test_slices_from_several_threads(exact_cpu_gemm_variant):
+    """Each thread shares products only with itself: threads running the parts on their own
+    inputs at once all get their own inputs' results."""
+    import threading
+    p = _parent([QuantSpec(4, 32)] * 3)
+    sep = copy.deepcopy(p)
+    fused = fuse_layers(p, QKV)
+    xs = [torch.randn(3, 128, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [[getattr(sep, n)(x) for n in QKV] for x in xs]
+    bad = []
+
+    def work(i):
+        for _ in range(10):
+            got = [getattr(p, n)(xs[i]) for n in QKV]
+            if not all(torch.equal(a, b) for a, b in zip(got, want[i])):
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad and not fused._lp_cache
