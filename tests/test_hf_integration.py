@@ -118,6 +118,30 @@ def test_generate(saved):
     assert torch.equal(got, want)
 
 
+def test_compile_decode(saved):
+    """compile_decode: generate after from_pretrained runs the decode step as a compiled graph
+    (static cache) and gives the eager tokens, with logits equal to fp32 rounding."""
+    from layerpress.integrations.hf import compile_decode
+
+    _, path = saved("llama")
+    eager = transformers.AutoModelForCausalLM.from_pretrained(path)
+    fast = compile_decode(transformers.AutoModelForCausalLM.from_pretrained(path))
+    assert fast.generation_config.cache_implementation == "static"
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        want = eager.generate(IDS, **kw)
+        got = fast.generate(IDS, **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames, "nothing was compiled"
+    assert torch.equal(got.sequences, want.sequences)
+    for g, w in zip(got.logits, want.logits):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="generation_config"):
+        compile_decode(torch.nn.Linear(2, 2))
+
+
 def test_bf16_activations(saved):
     model, path = saved("qwen2")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)

@@ -33,7 +33,7 @@ from ..flows.models import get_submodule
 from ..nn import QuantLinear
 from ..spec import QuantSpec
 
-__all__ = ["QUANT_METHOD", "LayerpressConfig", "LayerpressHfQuantizer", "register"]
+__all__ = ["QUANT_METHOD", "LayerpressConfig", "LayerpressHfQuantizer", "compile_decode", "register"]
 
 QUANT_METHOD = "layerpress"
 
@@ -325,6 +325,31 @@ class LayerpressHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self):
         return True  # every layerpress op has a fake implementation
+
+
+def compile_decode(model, mode: str = "default", dynamic=None):
+    """Makes ``model.generate`` run its decode steps as one compiled graph with a static KV cache
+    (transformers' ``cache_implementation="static"`` and ``compile_config``), on the CPU too:
+    transformers compiles only on accelerators unless asked. The layerpress ops trace as one
+    fullgraph (every op has a fake), so the per-module Python and dispatch cost of eager decoding
+    is gone. Returns ``model``; its ``generation_config`` is changed in place (pass
+    ``disable_compile=True`` to one ``generate`` call to run it eagerly).
+
+    The first ``generate`` compiles (seconds to minutes, growing with the number of layers); a
+    call with another cache length (prompt + ``max_new_tokens``) recompiles once with that length
+    dynamic, later lengths reuse it. ``mode`` and ``dynamic`` go to ``torch.compile``
+    (``"reduce-overhead"`` adds CUDA graphs on a GPU)."""
+    from transformers import CompileConfig
+
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        raise TypeError(f"compile_decode: {type(model).__name__} has no generation_config "
+                        "(expected a transformers model that can generate)")
+    config = CompileConfig(fullgraph=True, mode=mode, dynamic=dynamic)
+    config._compile_all_devices = True  # transformers' own switch for compiling on the CPU
+    gen.cache_implementation = "static"
+    gen.compile_config = config
+    return model
 
 
 def register() -> None:
