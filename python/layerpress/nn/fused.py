@@ -125,12 +125,20 @@ class FusedQuantLinear(QuantLinear):
 
     # ---- compute ---------------------------------------------------------------------------------
     def part_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Part ``i``'s output (a view of the fused product's columns)."""
+        """Part ``i``'s output. Eager: a view of the fused product's columns, the product shared
+        by the parts called on one input (module docstring). Under ``torch.compile`` (no
+        Python-side cache in a graph, and the compiler does not merge identical custom-op
+        calls): the part's own product, from zero-copy views of its rows of the packed tensors
+        (:meth:`QuantLinear.row_views`), so a compiled model does the unfused model's GEMM work
+        (the input permutation and rotation, if any, are applied once per part). Parts whose
+        rows are not whole tiles of the layout (e.g. an N not a multiple of 16 on the CPU, of 64
+        on CUDA, before the last part) fall back to the whole fused product, sliced."""
         a, b = self.part_offsets[i], self.part_offsets[i + 1]
         if torch.compiler.is_compiling():
-            # no Python-side cache in a graph; the identical products of the parts are one
-            # common subexpression for the compiler
-            return self(x)[..., a:b]
+            views = self.part_views(i)
+            if views is None:
+                return self(x)[..., a:b]
+            return self._gemm(x, *views, b - a)
         key = self._cache_key(x)
         tid = threading.get_ident()
         with _CACHE_LOCK:
@@ -145,6 +153,10 @@ class FusedQuantLinear(QuantLinear):
         with _CACHE_LOCK:
             self._lp_cache[tid] = (x, key, y, {i})
         return y[..., a:b]
+
+    def part_views(self, i: int):
+        """:meth:`QuantLinear.row_views` of part ``i``'s rows (None: they are not whole tiles)."""
+        return self.row_views(self.part_offsets[i], self.part_offsets[i + 1])
 
     def _cache_key(self, x: torch.Tensor) -> tuple:
         # An inference tensor has no version counter (and can only be modified in place inside
