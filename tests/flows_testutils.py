@@ -50,6 +50,15 @@ def model_output(model, ids) -> torch.Tensor:
     return (o.logits if hasattr(o, "logits") else o.last_hidden_state).float()
 
 
+def quantised_linear_count(model) -> int:
+    """How many linears of ``model`` are quantised: its QuantLinear layers, a fused one
+    (nn/fused.py) counted once per part (its FusedSlice modules)."""
+    from layerpress import QuantLinear
+    from layerpress.nn.fused import FusedQuantLinear, FusedSlice
+    return sum(isinstance(m, FusedSlice) or (isinstance(m, QuantLinear) and not isinstance(m, FusedQuantLinear))
+               for m in model.modules())
+
+
 def calib_ids(n: int = 8, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 

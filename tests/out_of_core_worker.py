@@ -62,7 +62,7 @@ def main(argv):
             report = quantize_checkpoint(src, out, calib=calib, **args)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-            report = quantize_model(model, calib=calib, **args)
+            report = quantize_model(model, calib=calib, fuse_projections=False, **args)
             save_quantized(model, out)
         with open(result, "w") as f:
             json.dump({"base_kib": base, "peak_kib": _peak_kib(), "report": report.to_dict()}, f)
@@ -93,7 +93,7 @@ def _dist(src, out_dir, result, calib, args):
     res["gptq_report"] = rep.to_dict()
     # 2. in memory, AWQ + fractional bits by LIM (statistics, errors and scores reduced)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    rep = quantize_model(model, calib=calib, **dict(args, method="awq", bits=3.5))
+    rep = quantize_model(model, calib=calib, **dict(args, method="awq", bits=3.5, fuse_projections=False))
     res["awq_report"] = rep.to_dict()
     if me == 0:
         from layerpress.flows import save_quantized

@@ -81,6 +81,12 @@ def test_inspect(saved, capsys):
     assert rc == 0
     info = json.loads(out)
     cfg = json.loads((qdir / "config.json").read_text())["quantization_config"]["layers"]
+    for name, entry in list(cfg.items()):  # a fused layer is listed as its parts
+        if "fused" in entry:
+            parent = name.rpartition(".")[0]
+            for part, n in zip(entry["fused"]["parts"], entry["fused"]["part_sizes"]):
+                cfg[f"{parent}.{part}"] = {**entry, "out_features": n}
+            del cfg[name]
     assert sorted(lay["name"] for lay in info["layers"]) == sorted(cfg)
     w = bits = eff = 0
     for lay in info["layers"]:

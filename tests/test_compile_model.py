@@ -12,6 +12,7 @@ import torch
 
 from flows_testutils import calib_ids, tiny_model
 from layerpress import QuantLinear
+from layerpress.nn.fused import FusedQuantLinear
 from layerpress.flows import quantize_model
 
 
@@ -27,7 +28,11 @@ def model():
     quantize_model(m, bits=4, group_size=32, calib=calib_ids(4, 16), method="rtn", axis="auto",
                    n_samples=4, seq_len=16)
     layers = [x for x in m.modules() if isinstance(x, QuantLinear)]
-    assert len(layers) == 14 and {x.spec.axis for x in layers} == {"oc", "ic"}
+    assert {x.spec.axis for x in layers} == {"oc", "ic"}
+    # fused projections (the default) where two or more of a group chose the same axis: one
+    # product each, so fewer layers than the 14 linears
+    fused = [x for x in layers if isinstance(x, FusedQuantLinear)]
+    assert fused and len(layers) == 14 - sum(len(f.parts) - 1 for f in fused)
     return m
 
 
@@ -51,7 +56,10 @@ def test_fullgraph_aot_eager_matches_eager(model):
     ids = calib_ids(2, 12, seed=7)
     with torch.no_grad():
         assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert len(graphs) == 1 and _gemm_calls(graphs[0]) == 14  # every quantised linear in one graph
+    # every quantised linear in one graph. A fused layer's parts do NOT share its product in a
+    # compiled graph (no Python-side cache there; AOT autograd does not merge the identical
+    # calls): one call per part, each of the whole fused weight (nn/fused.py, a known cost)
+    assert len(graphs) == 1 and _gemm_calls(graphs[0]) == 14
 
     # training through the frozen low-bit weights: the input gradients (gemm_t) reach the
     # embeddings, in one forward and one backward graph

@@ -123,7 +123,8 @@ def test_quantize_model_rotate_hadamard(family, method):
 
 def test_quantize_model_rotate_auto_keeps_the_lowest_error():
     model = tiny_model("llama")
-    rep = quantize_model(model, bits=3, calib=calib_ids(), method="gptq", axis="auto", rotate="auto")
+    rep = quantize_model(model, bits=3, calib=calib_ids(), method="gptq", axis="auto", rotate="auto",
+                         fuse_projections=False)  # the layers are looked up by name below
     layers = _quant_layers(model)
     rotated = 0
     for layer in rep.layers:
@@ -216,7 +217,8 @@ def test_spec_rotation_fields():
 def test_save_load_rotated_and_version_1(tmp_path):
     ids = calib_ids()
     model = tiny_model("llama")
-    quantize_model(model, bits=4, calib=ids, method="rtn", rotate="auto")
+    # unfused: a format-2 file (fused projections make it format 3)
+    quantize_model(model, bits=4, calib=ids, method="rtn", rotate="auto", fuse_projections=False)
     saved = save_quantized(model, tmp_path / "rot")
     cfg = json.loads((saved / "config.json").read_text())["quantization_config"]
     assert cfg["format_version"] == 2
@@ -227,7 +229,7 @@ def test_save_load_rotated_and_version_1(tmp_path):
     assert torch.equal(_out(hf, ids[:2]), _out(model, ids[:2]))
     # a version-1 directory (no rotation) still loads, through both paths
     plain = tiny_model("llama")
-    quantize_model(plain, bits=4, calib=ids, method="rtn")
+    quantize_model(plain, bits=4, calib=ids, method="rtn", fuse_projections=False)
     v1 = save_quantized(plain, tmp_path / "v1")
     raw = json.loads((v1 / "config.json").read_text())
     raw["quantization_config"]["format_version"] = 1

@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = tiny_model("llama")
-    quantize_model(model, bits=4, calib=calib_ids(4, 16), method="rtn", axis="oc")
+    quantize_model(model, bits=4, calib=calib_ids(4, 16), method="rtn", axis="oc",
+                   fuse_projections=False)  # the tests name per-layer tensors
     path = save_quantized(model, tmp_path_factory.mktemp("integrity") / "q")
     return model, path
 

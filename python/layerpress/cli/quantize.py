@@ -66,6 +66,9 @@ def add_parser(sub) -> None:
                         "measured output error; none (default)")
     q.add_argument("--rotate-block", type=int, default=128, metavar="B",
                    help="Hadamard block size for --rotate (a power of two >= 16; default 128)")
+    q.add_argument("--no-fuse-projections", action="store_true",
+                   help="keep q/k/v and gate/up as separate quantised layers (default: each group "
+                        "reading the same input becomes one fused product where that is exact)")
     q.add_argument("--select-with", choices=["applied", "rtn"], default="applied",
                    help="axis auto: measure the candidates with the applied quantiser (default) "
                         "or choose with RTN, then quantise (AdaDim paper's recipe)")
@@ -223,7 +226,8 @@ def quantize(args) -> int:
                                     checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                     allocation=args.allocation, widths=args.widths,
                                     clip=not args.no_clip, device=args.device, rotate=args.rotate,
-                                    rotate_block=args.rotate_block)
+                                    rotate_block=args.rotate_block,
+                                    fuse_projections=not args.no_fuse_projections)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from None
         axes = {}

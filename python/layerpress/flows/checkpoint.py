@@ -41,7 +41,8 @@ KEEP_INPUTS = 2
 
 # quantize_model arguments that do not change the result (or are checked otherwise)
 _NOT_RECORDED = ("model", "calib", "tokenizer", "adapter", "device", "verbose", "threads",
-                 "checkpoint_dir", "resume", "on_block_done", "progress")
+                 "checkpoint_dir", "resume", "on_block_done", "progress",
+                 "fuse_projections")  # fusion runs after the last block: checkpoints hold the parts
 
 
 class CheckpointError(ValueError):

@@ -15,7 +15,11 @@ A saved directory holds
   on load.
   them exactly. Format 2 adds rotated layers (a spec with ``rotation``, ``rotation_block``,
   ``rotation_seed`` and the signs as the tensor ``<layer>.rot_signs``); format-1 files (no
-  rotation) load unchanged.
+  rotation) load unchanged. Format 3 (written only when the model has fused projections,
+  nn/fused.py) adds fused layers: the entry of ``<parent>.fused_q_k_v`` carries ``"fused":
+  {"parts": ["q_proj", "k_proj", "v_proj"], "part_sizes": [N_q, N_k, N_v]}`` (the parts are
+  children of the same parent and have no entries of their own); its tensors are the parts'
+  concatenated along N. Format-1/2 files load unchanged.
 
 Writing is atomic: everything goes to a temporary directory beside the target, which is then
 renamed into place. :func:`load_quantized` rebuilds the original model class from the saved
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from ..nn import SIDE_DTYPES, QuantLinear
+from ..nn.fused import FusedQuantLinear, FusedSlice, install_fused
 from ..spec import QuantSpec
 from .integrity import (DIGEST_ALGORITHM, check_digests, digest_tensors, digests_entry, recorded_digests,
                         tensor_digest)
@@ -45,7 +50,8 @@ __all__ = ["save_quantized", "load_quantized", "quantization_config", "layer_ent
            "ShardedWriter"]
 
 FORMAT_VERSION = 2  # 2: rotated layers (QuantSpec.rotation, <layer>.rot_signs)
-READ_FORMAT_VERSIONS = (1, 2)  # what load_quantized reads
+FUSED_FORMAT_VERSION = 3  # 3: fused projections (a layer entry's "fused"); written only when used
+READ_FORMAT_VERSIONS = (1, 2, 3)  # what load_quantized reads
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded save_pretrained output
 CONFIG = "config.json"
@@ -57,6 +63,8 @@ def layer_entry(m: QuantLinear) -> dict:
              "bias": m.bias is not None, "conv1d": bool(getattr(m, "_lp_conv1d", False)),
              "spec": m.spec.to_dict()}
     entry.update(m.side_config())
+    if isinstance(m, FusedQuantLinear):
+        entry["fused"] = {"parts": list(m.parts), "part_sizes": list(m.part_sizes)}
     return entry
 
 
@@ -73,7 +81,8 @@ def quantization_config_of(layers: dict, model_class: str) -> dict:
     """The ``quantization_config`` entry for the layer entries ``layers`` of a ``model_class``."""
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantise it first")
-    return {"quant_method": "layerpress", "format_version": FORMAT_VERSION,
+    fused = any("fused" in e for e in layers.values())
+    return {"quant_method": "layerpress", "format_version": FUSED_FORMAT_VERSION if fused else FORMAT_VERSION,
             "model_class": model_class, "layers": layers}
 
 
@@ -104,7 +113,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], overwrite: bool = F
         qcfg["extra"] = extra
     cfg = saved_config(model, qcfg)
     return write_checkpoint(path, tensors, cfg, overwrite=overwrite,
-                            metadata={"format": "pt", "layerpress": str(FORMAT_VERSION)})
+                            metadata={"format": "pt", "layerpress": str(qcfg["format_version"])})
 
 
 def saved_config(model: nn.Module, qcfg: dict) -> dict:
@@ -332,6 +341,66 @@ def swap_in_quantlinears(model: nn.Module, layers: dict) -> None:
     _swap_in(model, layers)
 
 
+def _fused_parts(name: str, info: dict, n: int):
+    """(parts, part_sizes) of a fused layer entry, checked."""
+    f = info["fused"]
+    try:
+        parts, sizes = [str(p) for p in f["parts"]], [int(x) for x in f["part_sizes"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"quantization_config.layers[{name!r}].fused is invalid: {e}") from None
+    if (len(parts) < 2 or len(parts) != len(sizes) or sum(sizes) != n
+            or any("." in p or not p for p in parts) or len(set(parts)) != len(parts)):
+        raise ValueError(f"quantization_config.layers[{name!r}].fused: expected >= 2 distinct "
+                         f"child names with sizes summing to out_features={n}, got parts {parts}, "
+                         f"part_sizes {sizes}")
+    if info.get("outliers") or info.get("lorc_rank"):
+        raise ValueError(f"quantization_config.layers[{name!r}]: a fused layer has no side paths")
+    return parts, sizes
+
+
+def _swap_in_fused(model: nn.Module, name: str, info: dict, spec, k: int, n: int, bias: bool) -> None:
+    """Builds the fused layer ``name`` (an empty FusedQuantLinear at ``<parent>.<attr>``) and a
+    slice for each of its parts, which must be linears of the model of the recorded shapes."""
+    parts, sizes = _fused_parts(name, info, n)
+    pname, _, attr = name.rpartition(".")
+    try:
+        parent = get_submodule(model, pname)
+    except AttributeError:
+        raise ValueError(f"quantization_config names fused layer {name!r}, whose parent the model "
+                         "does not have") from None
+    current = getattr(parent, attr, None)
+    if isinstance(current, FusedQuantLinear):
+        if (current.spec != spec or current.in_features != k or list(current.part_sizes) != sizes
+                or list(current.parts) != parts):
+            raise ValueError(f"{name}: already a fused layer with a different spec/shape/parts")
+        return
+    if current is not None:
+        raise ValueError(f"{name}: the model already has a {type(current).__name__} there")
+    device = dtype = None
+    conv1d = False
+    for p, np_ in zip(parts, sizes):
+        old = getattr(parent, p, None)
+        if old is None:
+            raise ValueError(f"quantization_config: fused layer {name!r} has part {p!r}, which "
+                             f"{pname or 'the model'} does not have")
+        if isinstance(old, FusedSlice):
+            raise ValueError(f"{pname}.{p}: already part of another fused layer")
+        if not (isinstance(old, nn.Linear) or is_conv1d(old)):
+            raise ValueError(f"{pname}.{p}: expected a linear, found {type(old).__name__}")
+        w = old.weight
+        ok_, on_ = (w.shape[1], w.shape[0]) if isinstance(old, nn.Linear) else (w.shape[0], w.shape[1])
+        if (ok_, on_) != (k, np_):
+            raise ValueError(f"{pname}.{p}: config says [{np_}, {k}] (part of {name}) but the "
+                             f"model's layer is [{on_}, {ok_}]")
+        device, dtype, conv1d = w.device, w.dtype, is_conv1d(old)
+    try:
+        new = FusedQuantLinear(k, sizes, parts, spec, bias=bias, device=device, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"quantization_config.layers[{name!r}]: {e}") from None
+    new._lp_conv1d = conv1d
+    install_fused(parent, attr, new)
+
+
 def _swap_in(model: nn.Module, layers: dict) -> None:
     for name, info in layers.items():
         try:
@@ -339,6 +408,9 @@ def _swap_in(model: nn.Module, layers: dict) -> None:
             k, n, bias = int(info["in_features"]), int(info["out_features"]), bool(info["bias"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"quantization_config.layers[{name!r}] is invalid: {e}") from None
+        if "fused" in info:
+            _swap_in_fused(model, name, info, spec, k, n, bias)
+            continue
         side = _side_args(name, info)
         try:
             old = get_submodule(model, name)

@@ -53,6 +53,9 @@ class ModelAdapter:
     #: attribute under which a model with a head (``LlamaForCausalLM``) holds its base model
     blocks_in_base: str = ""
     base_attr: str = ""
+    #: projections that read the same input, fused into one product after quantisation
+    #: (nn/fused.py): ``(parent module within the block, (its linear children, in order))``
+    fusion_groups: tuple = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -104,6 +107,7 @@ class LlamaAdapter(ModelAdapter):
     }
 
     blocks_in_base, base_attr = "layers", "model"
+    fusion_groups = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
     def scaling_groups(self, block):
         a = block.self_attn
@@ -127,6 +131,7 @@ class OPTAdapter(ModelAdapter):
     }
 
     blocks_in_base, base_attr = "decoder.layers", "model"
+    fusion_groups = (("self_attn", ("q_proj", "k_proj", "v_proj")),)
 
     def scaling_groups(self, block):
         return [ScalingGroup("self_attn_layer_norm",
@@ -163,6 +168,7 @@ class BertAdapter(ModelAdapter):
     }
 
     blocks_in_base, base_attr = "encoder.layer", "bert"
+    fusion_groups = (("attention.self", ("query", "key", "value")),)
 
     def scaling_groups(self, block):
         # Post-LN: the q/k/v input is the previous block's output LayerNorm (outside this block),

@@ -365,7 +365,11 @@ def quantize_checkpoint(model_dir: Union[str, Path], out: Union[str, Path], over
         raise ValueError("quantize_checkpoint builds its model from model_dir/config.json: adapter= "
                          "cannot be given (the adapter is chosen by its model_type)")
     threads = kwargs.get("threads")
-    s = QuantizeSettings(**kwargs)
+    if kwargs.get("fuse_projections"):
+        raise ValueError("fuse_projections=True is not available out of core (the layers are written "
+                         "block by block as separate parts; load the result and fuse it with "
+                         "layerpress.flows.fusion.fuse_projections)")
+    s = QuantizeSettings(**{**kwargs, "fuse_projections": False})
     if s.allocation == "knapsack":
         raise ValueError("allocation='knapsack' measures every layer of the whole model: not "
                          "available out of core (use allocation='order')")

@@ -85,6 +85,7 @@ class QuantReport:
     effective_bits: float = 0.0  # parameter-weighted average of the layers' effective bits
     allocation: str = "order"    # "order" (demote by importance) or "knapsack"
     awq_groups: List[dict] = field(default_factory=list)  # AWQ: per scaling group α and errors
+    fusion: List[dict] = field(default_factory=list)  # fuse_projections: per group, fused / why not
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,7 +221,8 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
                    on_block_done=None, allocation: str = "order", widths=None,
                    clip: bool = True, align: Optional[bool] = None,
                    block_order=None, progress: Optional[bool] = None,
-                   rotate: str = "none", rotate_block: int = 128) -> QuantReport:
+                   rotate: str = "none", rotate_block: int = 128,
+                   fuse_projections: bool = True) -> QuantReport:
     """Quantises ``model`` in place (see the module docstring); returns the report.
     ``threads``: torch intra-op threads for the run (restored afterwards). ``select_with``:
     ``"applied"`` (default) measures AdaDim's candidates with the quantiser that is applied;
@@ -256,7 +258,14 @@ def quantize_model(model: nn.Module, bits: Union[int, float] = 4, group_size: in
     randomised block Walsh–Hadamard rotation of blocks of ``rotate_block``, or the largest power
     of two below it dividing K) with GPTQ on ``RᵀHR`` (RTN, AWQ-scaled weights and the clipping
     search likewise in the rotated basis); ``"auto"`` measures the rotated and unrotated
-    candidates of each linear together with AdaDim's axes and keeps the lowest output error."""
+    candidates of each linear together with AdaDim's axes and keeps the lowest output error.
+
+    Fusion (flows/fusion.py, nn/fused.py): ``fuse_projections`` (default on) makes the
+    quantised projections of a block that read the same input (Llama/Mistral/Qwen2 q/k/v and
+    gate/up, OPT q/k/v, BERT query/key/value) one ``FusedQuantLinear`` each where that is exact
+    (same spec, rotation signs, input permutation, bias presence, no side paths); the report's
+    ``fusion`` lists what was fused and why the rest was not. The report's layers keep the
+    parts' names."""
     settings = QuantizeSettings(**{k: v for k, v in locals().items() if k != "model"})
     old = torch.get_num_threads()
     if threads is not None:
@@ -308,6 +317,7 @@ class QuantizeSettings:
     progress: Optional[bool] = None
     rotate: str = "none"
     rotate_block: int = 128
+    fuse_projections: bool = True
 
     def __post_init__(self):
         check_side_args(self.outliers, self.lorc_rank, self.side_dtype, self.outlier_criterion)
@@ -386,7 +396,15 @@ def _run(model: nn.Module, s: QuantizeSettings) -> QuantReport:
     ckpt, start = _open_checkpoints(model, blocks, ids, plan, inputs, tally, s)
     _quantise_blocks(_ModelBlocks(blocks), adapter, inputs, plan, tally, ckpt, start, s)
     model.train(was_training)
-    return _report(model, adapter, plan, tally, ids, started, s)
+    report = _report(model, adapter, plan, tally, ids, started, s)
+    if s.fuse_projections:  # after the report, which looks the layers up by their names
+        from .fusion import fuse_projections
+        report.fusion = fuse_projections(model, adapter)
+        if s.verbose:
+            n = sum(len(r["fused"]) for r in report.fusion)
+            apart = sum(len(r["separate"]) for r in report.fusion)
+            print(f"  fused {n} projection group(s); {apart} projection(s) kept separate")
+    return report
 
 
 class _ModelBlocks:

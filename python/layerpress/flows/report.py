@@ -32,9 +32,19 @@ def effective_bits(module: nn.Module) -> float:
 
 
 def quantized_layers(model: nn.Module):
-    """``[(name, QuantLinear)]`` of the model, in module order."""
+    """``[(name, QuantLinear)]`` of the model, in module order. A fused layer (nn/fused.py) is
+    listed as its parts under their names: exact split copies (extra memory for them)."""
     from ..nn import QuantLinear
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    from ..nn.fused import FusedQuantLinear, FusedSlice
+    out, split = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, FusedSlice):
+            if id(m.fused) not in split:
+                split[id(m.fused)] = m.fused.split()
+            out.append((name, split[id(m.fused)][m.index]))
+        elif isinstance(m, QuantLinear) and not isinstance(m, FusedQuantLinear):
+            out.append((name, m))
+    return out
 
 
 def fill_effective_bits(model: nn.Module, layers: Sequence) -> float:

@@ -80,7 +80,7 @@ def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, tu
     prefix = getattr(model, "base_model_prefix", "") or ""
     is_base = not prefix or not hasattr(model, prefix)
 
-    def has(name):
+    def has_module(name):
         try:
             get_submodule(model, name)
             return True
@@ -89,6 +89,14 @@ def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, tu
 
     out = {}
     for name, info in layers.items():
+        # a fused layer (nn/fused.py) does not exist before the swap: its first part does
+        fused = info.get("fused") if isinstance(info, dict) else None
+        parts = fused.get("parts") if isinstance(fused, dict) else None
+        if parts:
+            def has(n, _p=str(parts[0])):
+                return has_module(f"{n.rpartition('.')[0]}.{_p}".lstrip("."))
+        else:
+            has = has_module
         if has(name):
             out[name] = (name, info)
         elif is_base and name.startswith(prefix + ".") and has(name[len(prefix) + 1:]):
@@ -275,13 +283,15 @@ class LayerpressHfQuantizer(HfQuantizer):
         cfg.layers, cfg.model_class, cfg.format_version = fresh["layers"], fresh["model_class"], fresh["format_version"]
         cfg.aliases = aliases
         cfg.digests = digests_entry(tensors)
-        return tensors, {"layerpress": str(FORMAT_VERSION)}
+        return tensors, {"layerpress": str(cfg.format_version)}
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: every QuantLinear back to a float ``nn.Linear`` (GPT-2:
         ``Conv1D``) holding the weight the layer computes with (dequantised, plus side paths)."""
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        from ..nn.fused import unfuse
+        unfuse(model)  # fused projections (nn/fused.py) back to their parts, then each to a linear
         for name, m in list(model.named_modules()):
             if not isinstance(m, QuantLinear):
                 continue

@@ -3,6 +3,7 @@ reading a checkpoint directory, building a model with empty weights, atomic writ
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -357,6 +358,19 @@ def import_model(model_dir, model: Optional[nn.Module], dtype: Optional[torch.dt
 
 
 # ---- exporting ----------------------------------------------------------------------------------
+
+def exports_unfused(export):
+    """Decorator of an ``export_*(model, ...)``: it runs on the model with its fused projections
+    (nn/fused.py) split back into their separate layers, exactly, so the exported checkpoint is
+    the one the unfused model gives; the model is fused again afterwards."""
+    from ..nn.fused import unfused
+
+    @functools.wraps(export)
+    def wrapper(model, *args, **kwargs):
+        with unfused(model):
+            return export(model, *args, **kwargs)
+    return wrapper
+
 
 def quant_layers(model: nn.Module, fmt: str) -> Dict[str, QuantLinear]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

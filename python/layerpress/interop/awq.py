@@ -139,6 +139,7 @@ def load_awq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     return C.import_model(model_dir, model, dtype, layer)
 
 
+@C.exports_unfused
 def export_awq(model: nn.Module, path: Union[str, Path], overwrite: bool = False) -> Path:
     """Writes a model whose quantised linears are 4-bit per-OC :class:`QuantLinear` layers (one
     group size for all) as an AWQ "gemm" checkpoint: ``model.safetensors`` + ``config.json``

@@ -268,6 +268,7 @@ def _requant_spec(m: QuantLinear) -> QuantSpec:
                      scale_dtype=torch.float16)
 
 
+@C.exports_unfused
 def export_compressed_tensors(model: nn.Module, path: Union[str, Path], requantize: bool = False,
                               overwrite: bool = False) -> dict:
     """Writes a model with :class:`QuantLinear` layers as a compressed-tensors ``pack-quantized``

@@ -208,6 +208,7 @@ def _add_tokenizer(writer, gguf, tokenizer, n_vocab: int, pre: Optional[str]) ->
                           n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
 
 
+@C.exports_unfused
 def export_gguf(model: nn.Module, path: Union[str, Path], tokenizer, requantize: bool = False,
                 ggml_type: Optional[str] = None, float_type: str = "f16",
                 tokenizer_pre: Optional[str] = None, overwrite: bool = False) -> dict:

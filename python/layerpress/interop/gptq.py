@@ -193,6 +193,7 @@ def load_gptq(model_dir: Union[str, Path], model: Optional[nn.Module] = None,
     return C.import_model(model_dir, model, dtype, layer)
 
 
+@C.exports_unfused
 def export_gptq(model: nn.Module, path: Union[str, Path], version: int = 1,
                 overwrite: bool = False) -> Path:
     """Writes a model whose quantised linears are per-OC :class:`QuantLinear` layers (one bit

@@ -86,6 +86,10 @@ def _csr_from_flat(idx: torch.Tensor, val: torch.Tensor, n: int, k: int, transpo
     return crow, c.to(torch.int32).contiguous(), val.contiguous()
 
 
+#: output rows per tile of each kernel layout (row_views: whole tiles are dim-0 slices)
+_ROW_TILE = {Layout.CPU_BITPLANE16: 16, Layout.CUDA_MMA: 64}
+
+
 def layout_for(device: torch.device) -> Layout:
     """The weight layout the GEMM kernels of a device read."""
     kind = torch.device(device).type
@@ -495,13 +499,56 @@ class QuantLinear(nn.Module):
         return self._forward_main(x)
 
     def _forward_main(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
+        return self._gemm(x, self.qweight, self.scales, self.zeros, self.bias, self.out_features)
+
+    def _gemm(self, x, qweight, scales, zeros, bias, out_features: int) -> torch.Tensor:
+        """The low-bit product of ``x`` with packed tensors of this layer's layout: all of them
+        (:meth:`_forward_main`) or the views :meth:`row_views` gives (``out_features`` rows);
+        the layer's input permutation and rotation apply as in ``forward``. No side paths."""
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         if self.in_perm is not None:
             x = x.index_select(-1, self.in_perm)
-        return ops.gemm(x, self.qweight, self.scales, self.zeros, bias, self.spec,
-                        self.out_features, self.layout, self.rot_signs, self.spec.rotation_block)
+        return ops.gemm(x, qweight, scales, zeros, bias, self.spec, out_features, self.layout,
+                        self.rot_signs, self.spec.rotation_block)
+
+    def row_views(self, start: int, stop: int):
+        """Zero-copy views ``(qweight, scales, zeros, bias)`` of output rows ``[start, stop)`` of
+        the packed weight: ``self._gemm(x, *views, stop - start)`` is columns ``start:stop`` of
+        this layer's product (bit for bit: the views ARE those rows' packed tensors) and reads
+        only those rows' weight. The rows must be whole tiles of the layout, so that they are a
+        dim-0 slice of every packed tensor: ``start`` and ``stop`` multiples of the tile rows
+        (16 in the CPU bitplane layout, 64 in the CUDA mma layout; ``stop`` may be N, the last
+        tile's padding rows being zero) and, per-IC, of the N-group (scales ``[N/g, K]``, or
+        ``[ceil(N/64), K, 64/g]`` on CUDA). Returns None when they are not (the caller computes
+        the whole product and slices it), on the canonical layout (no kernel reads it), and
+        when the layer has side paths (outliers/LoRC are not sliced)."""
+        n, start, stop = self.out_features, int(start), int(stop)
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"row_views: expected 0 <= start < stop <= out_features={n}, got [{start}, {stop})")
+        if self.outlier_idx is not None or self.lorc_a is not None:
+            return None
+        tile = _ROW_TILE.get(self.layout)
+        if tile is None:
+            return None
+        aligned = lambda r, m: r % m == 0 or r == n  # noqa: E731
+        if start % tile or not aligned(stop, tile):
+            return None
+        t0, t1 = start // tile, -(-stop // tile)
+        rows = lambda t: None if t is None else t.narrow(0, t0, t1 - t0)  # noqa: E731
+        if self.spec.axis == "ic":
+            g = self.spec.group_for(n, self.in_features)
+            if start % g or stop % g:
+                return None
+            if self.layout == Layout.CPU_BITPLANE16:  # [N/g, K]: whole N-groups
+                rows_s = lambda t: None if t is None else t.narrow(0, start // g, (stop - start) // g)  # noqa: E731
+            else:  # CUDA [ceil(N/64), K, 64/g or 1]: whole tiles
+                rows_s = rows
+        else:  # [tiles, K/g, tile rows]
+            rows_s = rows
+        scales, zeros = rows_s(self.scales), rows_s(self.zeros)
+        bias = None if self.bias is None else self.bias.narrow(0, start, stop - start)
+        return rows(self.qweight), scales, zeros, bias
 
     def extra_repr(self) -> str:
         s = self.spec
