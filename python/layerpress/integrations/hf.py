@@ -92,7 +92,7 @@ def _layers_for(model: torch.nn.Module, layers: Dict[str, dict]) -> Dict[str, tu
         # a fused layer (nn/fused.py) does not exist before the swap: its first part does
         fused = info.get("fused") if isinstance(info, dict) else None
         parts = fused.get("parts") if isinstance(fused, dict) else None
-        if parts:
+        if isinstance(parts, (list, tuple)) and parts:  # anything else: the loader names the field
             def has(n, _p=str(parts[0])):
                 return has_module(f"{n.rpartition('.')[0]}.{_p}".lstrip("."))
         else:
