@@ -62,21 +62,7 @@ void microkernel_avx2(const float* A, int64_t lda, int64_t rows, const float* P,
 
 // ---- LUT path -----------------------------------------------------------------------------------
 
-inline __m256 load8_float(const void* p, int64_t i, FloatType t) {
-  switch (t) {
-    case FloatType::kF32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    case FloatType::kBF16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    default:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-  }
-}
-
-inline __m256 load8_zeros(const uint8_t* z) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
-}
+#include "gemm_cpu_avx2_loads.inc"
 
 // tables[j][e] = Σ_b bit_b(e) · x[4j + b], for j < K/4 (the same tables as the AVX-512 variant).
 void build_tables(const float* x, int64_t K, float* tables) {

@@ -35,21 +35,7 @@ struct Buffer {  // malloc-based, like gemm_cpu_tile.inc's AlignedBuffer (no std
   template <typename T> T* as() const { return static_cast<T*>(ptr); }
 };
 
-inline __m256 load8_float(const void* p, int64_t i, FloatType t) {
-  switch (t) {
-    case FloatType::kF32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    case FloatType::kBF16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    default:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-  }
-}
-
-inline __m256 load8_zeros(const uint8_t* z) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
-}
+#include "gemm_cpu_avx2_loads.inc"
 
 // Block kb's tables as the kernel loads them: four 32-byte vectors [c0|c4], [c1|c5], [c2|c6],
 // [c3|c7] (one 16-entry table per 128-bit lane), then the block's scale in `scale[kb]`.
@@ -113,7 +99,7 @@ void lut8_tile(const GemmArgs& a, const int8_t* tq, const float* tscale, const f
       const __m256i tb_lo = _mm256_loadu_si256(tb + 2), tb_hi = _mm256_loadu_si256(tb + 3);
       const char* src = qw + ((t * KB + kb) * BITS) * kTileRows * 4;
       _mm_prefetch(src + 4096, _MM_HINT_T0);
-      if (BITS > 1) _mm_prefetch(src + 4096 + 64 * (BITS - 1), _MM_HINT_T0);
+      _mm_prefetch(src + 4096 + 64 * (BITS - 1), _MM_HINT_T0);
       __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
       for (int b = 0; b < BITS; ++b) {
         // the plane's 16 words: rows 0-7 and 8-15, 4 bytes (8 nibbles = 8 column groups) each
